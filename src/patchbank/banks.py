@@ -118,6 +118,8 @@ class BankWriter:
     def __init__(self, paths: BankPaths, n: int, grid: tuple[int, int], channels: int) -> None:
         self.paths = paths
         paths.npz.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in paths.npz.parent.glob(f".{paths.npz.stem}.*.features.npy"):
+            leftover.unlink(missing_ok=True)  # from a killed run
         self._tmp_npy = paths.npz.with_name(f".{paths.npz.stem}.{os.getpid()}.features.npy")
         self._features = np.lib.format.open_memmap(
             self._tmp_npy, mode="w+", dtype=np.float16, shape=(n, *grid, channels)
