@@ -29,6 +29,7 @@ from patchbank.demo import make_demo_dataset
 from patchbank.errors import DatasetError
 
 N_TRAIN, N_GOOD, N_DEFECT, SIZE = 5, 3, 2, 64
+REAL_ROOT = Path(__file__).resolve().parents[1].parent / "shared/data/mvtec_ad"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -352,8 +353,16 @@ def test_files_hash_stable_and_sensitive(demo_copy: Path) -> None:
 # --------------------------------------------------------------------------- real data
 
 
+@pytest.fixture
+def bottle_root() -> Path:
+    if not (REAL_ROOT / "bottle" / "train" / "good").is_dir():
+        pytest.skip(f"real MVTec AD bottle not found at {REAL_ROOT / 'bottle'}")
+    return REAL_ROOT
+
+
 @pytest.mark.real_data
-def test_real_bottle_discovery(real_root: Path) -> None:
+def test_real_bottle_discovery(bottle_root: Path) -> None:
+    real_root = bottle_root
     assert "bottle" in list_categories(real_root)
     train = discover(real_root, "bottle", "train")
     test = discover(real_root, "bottle", "test")  # also checks all 63 mask sizes

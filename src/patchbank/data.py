@@ -238,17 +238,16 @@ def _size_message(mask: Path, mask_size: tuple[int, int], img_size: tuple[int, i
     )
 
 
-def _open_decoded(path: Path) -> Image.Image:
-    """Open and fully decode ``path``; any failure becomes a one-line DatasetError."""
+def _open_decoded(path: Path) -> tuple[Image.Image, int | None]:
+    """Fully decoded image of ``path`` and its declared bits per sample (TIFF), if any.
+
+    Any failure becomes a one-line DatasetError naming the file.
+    """
     path = Path(path)
     try:
         with Image.open(path) as img:
             img.load()
-            # Keep format-specific info (TIFF tags) needed for bit depth; copy detaches the file.
-            bits = _declared_bits(img)
-            out = img.copy()
-            out.info["_patchbank_bits"] = bits
-            return out
+            return img.copy(), _declared_bits(img)
     except FileNotFoundError as err:
         raise DatasetError(f"{path}: file missing — check the dataset folder") from err
     except _DECODE_ERRORS as err:
@@ -276,16 +275,16 @@ def _to_uint8(arr: np.ndarray, bits: int) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
+def _high_depth_to_rgb(img: Image.Image, declared: int | None) -> Image.Image:
     """Grayscale 16/32-bit integer or float images -> 8-bit RGB by their bit depth."""
     arr = np.asarray(img)
     if img.mode.startswith("I;16"):
         gray = _to_uint8(arr, 16)  # 65535 / 257 = 255
     elif img.mode == "I":
-        declared = img.info.get("_patchbank_bits")
         if declared in (8, 16):
             bits = declared
         else:
+            # 32-bit containers usually hold 16-bit data (e.g. TIFFs from 16-bit cameras)
             bits = 16 if arr.size == 0 or int(arr.max()) <= 65535 else 32
         gray = _to_uint8(arr, bits)
     else:  # "F": floats in [0, 1] or [0, 255]
@@ -301,12 +300,12 @@ def load_image(path: Path) -> Image.Image:
     Grayscale, 16-bit (scaled by bit depth, e.g. /257 for ``I;16``), palette, alpha (dropped)
     and CMYK images all become 3-channel 8-bit. Unreadable files raise DatasetError.
     """
-    img = _open_decoded(path)
+    img, declared_bits = _open_decoded(path)
     try:
         if img.mode == "RGB":
             return img
         if img.mode.startswith("I") or img.mode == "F":
-            return _high_depth_to_rgb(img)
+            return _high_depth_to_rgb(img, declared_bits)
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")
         return img.convert("RGB")
@@ -324,7 +323,7 @@ def load_mask(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
         mask_size = _header_size(path)
         if tuple(mask_size) != tuple(size):
             raise DatasetError(_size_message(path, mask_size, (int(size[0]), int(size[1]))))
-    img = _open_decoded(path)
+    img, _ = _open_decoded(path)
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     arr = np.asarray(img)

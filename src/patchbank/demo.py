@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -322,7 +323,7 @@ def make_demo_dataset(
         if (root / cat).exists():
             shutil.rmtree(root / cat)
     files: dict[str, int] = {}
-    for cat, split, defect, i in _plan(params):
+    for cat, split, defect, i in tqdm(_plan(params), desc="demo dataset", unit="img", leave=False):
         img, mask, _ = _render(cat, size, seed, split, defect, i)
         rel = Path(cat, split, defect, f"{i:03d}.png")
         outputs = [(rel, img)]
