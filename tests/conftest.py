@@ -1,0 +1,63 @@
+"""Shared fixtures: toy banks written through the real bank writer, the real-data location."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from patchbank.banks import META_COLUMNS, BankPaths, BankWriter
+
+REAL_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_ad"
+
+
+@pytest.fixture
+def real_root() -> Path:
+    """The shared MVTec AD folder, or skip (with the reason) when it is absent."""
+    if not (REAL_ROOT / "bottle" / "train" / "good").is_dir():
+        pytest.skip(f"real MVTec AD bottle not found at {REAL_ROOT}")
+    return REAL_ROOT
+
+
+def toy_fingerprint(split: str, n: int, **extra) -> dict:
+    return {"format": 1, "backbone": "toy", "model_id": "toy", "weights": "random:seed0",
+            "layers": [2, 3], "image_size": 32, "crop": None, "grid": [6, 6], "channels": 16,
+            "dtype": "float16", "category": "widget", "split": split, "files_hash": split,
+            "n_images": n, **extra}
+
+
+def write_toy_banks(banks_dir: Path, n_train: int = 30, n_good: int = 6, n_bad: int = 6,
+                    seed: int = 0, size: int = 48, **extra) -> dict:
+    """Toy banks: smooth normal features; defective test images get a shifted 2x2 patch block.
+
+    Returns the positions of the anomalous blocks (test index -> (row, col)) and sizes so
+    tests can build matching masks of ``size`` x ``size`` pixels.
+    """
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(6, 6, 16))
+
+    def sample(n: int) -> np.ndarray:
+        return (base + 0.3 * rng.normal(size=(n, 6, 6, 16))).astype(np.float32)
+
+    blocks = {}
+    test = sample(n_good + n_bad)
+    for i in range(n_good, n_good + n_bad):
+        r, c = rng.integers(0, 5, size=2)
+        test[i, r:r + 2, c:c + 2] += 3.0
+        blocks[i] = (int(r), int(c))
+    for split, feats in (("train", sample(n_train)), ("test", test)):
+        rows = []
+        for i in range(len(feats)):
+            bad = split == "test" and i in blocks
+            rows.append([f"/nowhere/widget/{split}/{i:03d}.png", "widget", split,
+                         "blob" if bad else "good", int(bad),
+                         f"/nowhere/widget/ground_truth/blob/{i:03d}_mask.png" if bad else "",
+                         size, size])
+        paths = BankPaths.of(banks_dir, "toy", "widget", split)
+        with BankWriter(paths, len(feats), (6, 6), 16) as w:
+            w.write(np.arange(len(feats)), feats)
+            w.commit(pd.DataFrame(rows, columns=META_COLUMNS),
+                     toy_fingerprint(split, len(feats), **extra))
+    return blocks
