@@ -29,6 +29,7 @@ from patchbank.banks import (
     read_fingerprint,
 )
 from patchbank.data import ImageDataset, Sample, discover, files_hash, make_transform
+from patchbank.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,17 @@ def metadata(samples: Sequence[Sample]) -> pd.DataFrame:
 def _features(model: FeatureExtractor, loader: DataLoader, device: torch.device,
               writer: BankWriter, desc: str) -> None:
     amp = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext())
+    batches = iter(tqdm(loader, desc=desc, unit="batch", leave=False))
     with torch.inference_mode():
-        for images, idx in tqdm(loader, desc=desc, unit="batch", leave=False):
+        while True:
+            try:
+                images, idx = next(batches)
+            except StopIteration:
+                break
+            except DatasetError as err:
+                # Re-raised from a DataLoader worker with its traceback appended: keep the line
+                # that names the file.
+                raise DatasetError(str(err).strip().splitlines()[-1]) from None
             with amp:
                 feats = model(images.to(device, non_blocking=True))
             # (B, C, h, w) -> (B, h, w, C); cast on the device so only float16 crosses to the host.
@@ -146,9 +156,16 @@ class Extractor:
             num_workers=workers, pin_memory=self.device.type == "cuda",
             persistent_workers=False, prefetch_factor=4 if workers else None,
         )
-        with BankWriter(paths, len(samples), self.info.grid, self.info.channels) as writer:
-            _features(self.model, loader, self.device, writer, desc)
-            writer.commit(metadata(samples), fp)
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu" and workers:
+            # Decoding workers get their cores; the forward pass gets the rest.
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) - workers))
+        try:
+            with BankWriter(paths, len(samples), self.info.grid, self.info.channels) as writer:
+                _features(self.model, loader, self.device, writer, desc)
+                writer.commit(metadata(samples), fp)
+        finally:
+            torch.set_num_threads(threads)
         log.info("%s: wrote %d grids %s x %d", paths.npz, len(samples), self.info.grid,
                  self.info.channels)
 
