@@ -60,8 +60,12 @@ def test_notebook_executes_on_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     banks, scores = tmp_path / "featurebanks", tmp_path / "scores"
     board = run_pipeline(data, CATEGORY, ("efficientnet_lite0",), METHODS, banks_dir=banks,
                          scores_dir=scores, weights="random", image_size=64, device="cpu",
-                         figures=False)
+                         figures=True)
     assert sorted(board["method"]) == sorted(METHODS)
+    for method in METHODS:  # the evaluate stage drew this category's figures
+        figures = {p.name for p in (scores / "efficientnet_lite0" / method / "figures").iterdir()}
+        assert {f"{CATEGORY}_roc_pr.png", f"{CATEGORY}_hist.png"} <= figures
+        assert any(name.startswith(f"{CATEGORY}_best_") for name in figures)
 
     for key, value in {"DATA_ROOT": data, "BANKS_DIR": banks, "SCORES_DIR": scores,
                        "BACKBONE": "efficientnet_lite0", "METHODS": ",".join(METHODS),
