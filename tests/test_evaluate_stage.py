@@ -13,7 +13,7 @@ from PIL import Image
 from patchbank.errors import DatasetError
 from patchbank.evaluate import (
     METRIC_COLUMNS,
-    _crop_box,
+    crop_box,
     eval_shape,
     evaluate,
     leaderboard,
@@ -101,8 +101,8 @@ def test_mask_size_mismatch_names_the_mask(tmp_path: Path) -> None:
 
 
 def test_crop_box_and_eval_shape() -> None:
-    assert _crop_box(900, 900, 256, None) == (slice(0, 900), slice(0, 900))
-    ys, xs = _crop_box(900, 900, 256, 224)  # 224/256 of 900 = 787.5 px, centred
+    assert crop_box(900, 900, 256, None) == (slice(0, 900), slice(0, 900))
+    ys, xs = crop_box(900, 900, 256, 224)  # 224/256 of 900 = 787.5 px, centred
     assert ys == xs and ys.stop - ys.start == 788 and ys.start == 56
     assert eval_shape(900, 600, 300) == (300, 200)
     assert eval_shape(100, 100, 300) == (100, 100)

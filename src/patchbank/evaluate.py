@@ -46,7 +46,7 @@ def reroot(path: str, data_root: Path | None, category: str) -> Path:
     return p
 
 
-def _crop_box(height: int, width: int, image_size: int, crop: int | None) -> tuple[slice, slice]:
+def crop_box(height: int, width: int, image_size: int, crop: int | None) -> tuple[slice, slice]:
     """Region of the original image that a centre crop of the resized input covers."""
     if not crop:
         return slice(0, height), slice(0, width)
@@ -75,7 +75,7 @@ def masks_and_maps(run: ScoreRun, category: str, data_root: Path | None = None,
             mask = load_mask(reroot(row.mask_path, data_root, category), size=(w, h))
         else:
             mask = np.zeros((h, w), dtype=bool)
-        ys, xs = _crop_box(h, w, int(info["image_size"]), info.get("crop"))
+        ys, xs = crop_box(h, w, int(info["image_size"]), info.get("crop"))
         mask = mask[ys, xs]
         eh, ew = eval_shape(*mask.shape, eval_size)
         if (eh, ew) != mask.shape:
@@ -133,10 +133,9 @@ def evaluate(scores_dir: Path, backbone: str, method: str, categories: Sequence[
             write_category_figures(run, category, Path(scores_dir, backbone, method, "figures"),
                                    data_root=data_root)
     table = pd.DataFrame(rows).reindex(columns=METRIC_COLUMNS + EXTRA_COLUMNS)
-    mean = table.drop(columns=["category", "eval_resolution"]).mean(numeric_only=True)
-    mean["category"] = "mean"
-    mean["eval_resolution"] = table["eval_resolution"].iloc[0] if len(table) else None
-    table = pd.concat([table, mean.to_frame().T], ignore_index=True)[table.columns]
+    mean = table.drop(columns=["category", "eval_resolution"]).mean(numeric_only=True).to_dict()
+    mean.update(category="mean", eval_resolution=table["eval_resolution"].iloc[0])
+    table = pd.concat([table, pd.DataFrame([mean])], ignore_index=True)[table.columns]
     out = Path(scores_dir, backbone, method, "metrics.csv")
     table.to_csv(out, index=False, float_format="%.6g")
     log.info("wrote %s", out)

@@ -251,7 +251,7 @@ def load_example(run: ScoreRun, index: int, category: str, max_side: int = 512,
     mismatched mask is logged and drawn as None.
     """
     from patchbank.data import load_image, load_mask  # stage modules import figures lazily
-    from patchbank.evaluate import _crop_box, eval_shape, reroot
+    from patchbank.evaluate import crop_box, eval_shape, reroot
 
     if run.maps is None:
         raise ValueError("run has no anomaly maps (image-level method)")
@@ -266,7 +266,7 @@ def load_example(run: ScoreRun, index: int, category: str, max_side: int = 512,
         except DatasetError as err:
             log.warning("%s; drawing no ground truth", err)
     info = run.info
-    ys, xs = _crop_box(h, w, int(info["image_size"]), info.get("crop"))
+    ys, xs = crop_box(h, w, int(info["image_size"]), info.get("crop"))
     image = image[ys, xs]
     mask = mask[ys, xs] if mask is not None else None
     dh, dw = eval_shape(image.shape[0], image.shape[1], max_side)

@@ -1,0 +1,61 @@
+"""Benchmarks behind ``scripts/bench_*.py`` (kept in the package so the scripts stay thin)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from patchbank.banks import BankPaths
+from patchbank.data import ImageDataset, discover
+from patchbank.extract import ExtractConfig, Extractor, default_workers, fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def bench_extract(data_root: Path, category: str, backbone: str, n_images: int = 64,
+                  batch_size: int = 16, weights: str = "random") -> dict[str, float]:
+    """Images/s of the whole extract stage and of the bare forward on the same batches.
+
+    The stage decodes in DataLoader workers while the model runs; the bare forward gets the
+    same images already decoded and resized, and the same torch thread count the stage gives
+    its forward pass (all cores minus the decode workers). ``bare_all_threads`` is the bare
+    forward with every core, for reference.
+    """
+    samples = discover(data_root, category, "train")[:n_images]
+    ext = Extractor(ExtractConfig(backbone, weights=weights, batch_size=batch_size))
+    workers = default_workers()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = BankPaths.of(Path(tmp), backbone, category, "train")
+        fp = fingerprint(ext.info, None, samples, data_root, category, "train")
+        ext._extract(samples[:batch_size], paths, fp, "warm-up")
+        t0 = time.perf_counter()
+        ext._extract(samples, paths, fp, f"{backbone} stage")
+        stage = time.perf_counter() - t0
+
+    ds = ImageDataset(samples, ext.transform)
+    batches = [torch.stack([ds[i][0] for i in range(s, min(s + batch_size, len(ds)))])
+               for s in range(0, len(ds), batch_size)]
+    threads = torch.get_num_threads()
+
+    def forward(n_threads: int) -> float:
+        torch.set_num_threads(n_threads)
+        with torch.inference_mode():
+            ext.model(batches[0])
+            t = time.perf_counter()
+            for x in batches:
+                ext.model(x)
+            return time.perf_counter() - t
+
+    try:
+        bare = forward(max(1, (os.cpu_count() or 2) - workers))
+        bare_all = forward(os.cpu_count() or 2)
+    finally:
+        torch.set_num_threads(threads)
+    n = len(samples)
+    return {"backbone": backbone, "images": n, "stage_ips": n / stage, "bare_ips": n / bare,
+            "ratio": bare / stage, "bare_all_threads_ips": n / bare_all, "workers": workers}
