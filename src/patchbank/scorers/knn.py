@@ -1,0 +1,61 @@
+"""k-NN scoring: distance of test patches (or pooled images) to the nearest training ones."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+
+from patchbank.scorers.base import Scorer, pooled
+from patchbank.scorers.neighbors import METRICS, FlatIndex
+
+
+def reduce_patches(patch_scores: np.ndarray, reduce: str, topk_frac: float) -> np.ndarray:
+    """Image scores (N,) from patch scores (N, P): the max, or the mean of the top ceil(frac*P)."""
+    s = np.asarray(patch_scores, dtype=np.float64).reshape(len(patch_scores), -1)
+    if reduce == "max":
+        return s.max(axis=1)
+    n = min(s.shape[1], max(1, math.ceil(topk_frac * s.shape[1])))
+    return np.partition(s, s.shape[1] - n, axis=1)[:, -n:].mean(axis=1)
+
+
+class KNNScorer(Scorer):
+    """Patch level: memory bank = every training patch, map = mean distance to the k nearest,
+    image score = max (or top-fraction mean) of the map. Image level: pooled embeddings, image
+    score = mean distance to the k nearest training images, no maps."""
+
+    name: ClassVar[str] = "knn"
+    defaults: ClassVar[dict[str, Any]] = {
+        "level": "patch", "k": 1, "metric": "l2", "reduce": "max", "topk_frac": 0.01,
+    }
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        "level": ("patch", "image"), "metric": METRICS, "reduce": ("max", "topk"),
+    }
+    map_sigma: ClassVar[float] = 4.0
+    pixel_level: ClassVar[bool] = True
+
+    def _check_params(self) -> None:
+        self._require(self.params["k"] >= 1, "k", ">= 1")
+        self._require(0 < self.params["topk_frac"] <= 1, "topk_frac", "in (0, 1]")
+        # instance attribute: image-level k-NN produces no maps
+        self.pixel_level = self.params["level"] == "patch"  # type: ignore[misc]
+
+    def _fit(self, train: np.ndarray) -> None:
+        vectors = train.reshape(-1, train.shape[-1]) if self.pixel_level else pooled(train)
+        self._check_k(len(vectors))
+        self._index = FlatIndex(vectors, self.params["metric"], self.device)
+
+    def _check_k(self, n: int) -> None:
+        if self.params["k"] > n:
+            raise ValueError(f"knn: parameter 'k'={self.params['k']} exceeds the {n} training "
+                             f"{'patches' if self.pixel_level else 'images'}")
+
+    def _score(self, test: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        k = self.params["k"]
+        if not self.pixel_level:
+            dist, _ = self._index.search(pooled(test), k)
+            return dist.mean(axis=1, dtype=np.float64), None
+        dist, _ = self._index.search(test, k, desc="knn patches")
+        maps = dist.mean(axis=1).reshape(test.shape[:3]).astype(np.float32)
+        return reduce_patches(maps, self.params["reduce"], self.params["topk_frac"]), maps

@@ -1,0 +1,122 @@
+"""Exact k-nearest-neighbour search with Faiss flat indexes, shared by every k-NN method.
+
+Distances come back as true distances: L2 (the square root of Faiss's squared L2) or cosine
+distance ``1 - cos`` (inner product of L2-normalised vectors). Queries are searched in chunks so
+peak memory stays bounded; the index is cloned to a GPU when faiss-gpu sees one.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from patchbank.scorers.base import batches, resolve_device
+
+log = logging.getLogger(__name__)
+
+METRICS = ("l2", "cosine")
+#: query vectors per search call (bounds the (chunk, k) result and Faiss's work buffers).
+DEFAULT_CHUNK = 16384
+_GPU_RESOURCES: Any = None
+
+
+@functools.cache
+def _faiss() -> ModuleType:
+    """Import Faiss on first use, without its loader's INFO lines about CPU-feature builds."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    import faiss
+
+    return faiss
+
+
+def as_float32(x: np.ndarray) -> np.ndarray:
+    """Contiguous float32 2-D view/copy of ``x`` (last axis = vector dimension), as Faiss needs."""
+    x = np.asarray(x)
+    return np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
+
+
+def faiss_gpu_available() -> bool:
+    """True when this Faiss build has GPU support and sees at least one GPU."""
+    faiss = _faiss()
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _gpu_resources() -> Any:
+    global _GPU_RESOURCES
+    if _GPU_RESOURCES is None:
+        _GPU_RESOURCES = _faiss().StandardGpuResources()
+    return _GPU_RESOURCES
+
+
+def _normalized(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    x = np.array(x.reshape(-1, x.shape[-1]), dtype=np.float32, order="C", copy=True)
+    _faiss().normalize_L2(x)  # in place, on our own copy
+    return x
+
+
+class FlatIndex:
+    """Exact k-NN over a fixed database of vectors (M, D) with metric ``"l2"`` or ``"cosine"``."""
+
+    def __init__(self, vectors: np.ndarray, metric: str = "l2", device: str = "auto") -> None:
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
+        base = _normalized(vectors) if metric == "cosine" else as_float32(vectors)
+        if len(base) == 0:
+            raise ValueError("cannot build a k-NN index over zero vectors")
+        faiss = _faiss()
+        self.metric = metric
+        self.dim = int(base.shape[1])
+        cpu_index = faiss.IndexFlatIP(self.dim) if metric == "cosine" else faiss.IndexFlatL2(
+            self.dim)
+        cpu_index.add(base)
+        self.on_gpu = False
+        self.index: Any = cpu_index
+        dev = resolve_device(device)
+        if dev.startswith("cuda") and faiss_gpu_available():
+            gpu_id = int(dev.split(":")[1]) if ":" in dev else 0
+            self.index = faiss.index_cpu_to_gpu(_gpu_resources(), gpu_id, cpu_index)
+            self.on_gpu = True
+        log.debug("flat %s index: %d x %d%s", metric, len(base), self.dim,
+                  " on GPU" if self.on_gpu else "")
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int = 1, chunk: int = DEFAULT_CHUNK,
+               desc: str = "k-NN search") -> tuple[np.ndarray, np.ndarray]:
+        """Distances (M, k) float32, ascending, and database indices (M, k) int64 of ``queries``.
+
+        ``queries`` is any array whose last axis is the vector dimension (e.g. a test bank
+        (N, h, w, C)); it is converted to float32 one chunk of ``chunk`` vectors at a time.
+        """
+        q = np.asarray(queries)
+        if q.shape[-1] != self.dim:
+            raise ValueError(f"query dimension {q.shape[-1]} != index dimension {self.dim}")
+        if not 1 <= k <= len(self):
+            raise ValueError(f"k={k} must be between 1 and the {len(self)} indexed vectors")
+        q = q.reshape(-1, self.dim)
+        m = len(q)
+        dist = np.empty((m, k), dtype=np.float32)
+        idx = np.empty((m, k), dtype=np.int64)
+        spans = list(batches(m, chunk))
+        for lo, hi in tqdm(spans, desc=desc, unit="chunk", disable=len(spans) <= 1, leave=False):
+            part = _normalized(q[lo:hi]) if self.metric == "cosine" else as_float32(q[lo:hi])
+            d, i = self.index.search(part, k)
+            if self.metric == "cosine":
+                np.clip(np.subtract(1.0, d, out=d), 0.0, 2.0, out=d)
+            else:
+                np.sqrt(np.maximum(d, 0.0, out=d), out=d)
+            dist[lo:hi], idx[lo:hi] = d, i
+        return dist, idx
+
+
+def knn(database: np.ndarray, queries: np.ndarray, k: int = 1, metric: str = "l2",
+        chunk: int = DEFAULT_CHUNK, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """One-shot exact k-NN: (distances (M, k) float32, indices (M, k) int64)."""
+    return FlatIndex(database, metric, device).search(queries, k, chunk)

@@ -1,0 +1,48 @@
+"""SPADE (Cohen & Hoshen 2020): image k-NN on pooled features, then patch k-NN within the K
+nearest training images."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from patchbank.scorers.base import Scorer, pooled
+from patchbank.scorers.neighbors import FlatIndex
+
+
+class SPADEScorer(Scorer):
+    """Image score = mean L2 distance of the pooled embedding to its ``k_images`` nearest
+    training images; map = mean distance of each patch to its ``k`` nearest patches among
+    those images' patches."""
+
+    name: ClassVar[str] = "spade"
+    defaults: ClassVar[dict[str, Any]] = {"k_images": 50, "k": 1}
+    map_sigma: ClassVar[float] = 4.0
+    pixel_level: ClassVar[bool] = True
+
+    def _check_params(self) -> None:
+        self._require(self.params["k_images"] >= 1, "k_images", ">= 1")
+        self._require(self.params["k"] >= 1, "k", ">= 1")
+
+    def _fit(self, train: np.ndarray) -> None:
+        self._train = train  # patches are gathered per test image at score time (no copy)
+        self._image_index = FlatIndex(pooled(train), "l2", self.device)
+        k_img = min(self.params["k_images"], len(train))
+        patches = k_img * train.shape[1] * train.shape[2]
+        if self.params["k"] > patches:
+            raise ValueError(f"spade: parameter 'k'={self.params['k']} exceeds the {patches} "
+                             "patches of the nearest training images")
+
+    def _score(self, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n, h, w, c = test.shape
+        k_img = min(self.params["k_images"], len(self._train))
+        dist, nearest = self._image_index.search(pooled(test), k_img)
+        scores = dist.mean(axis=1, dtype=np.float64)
+        maps = np.empty((n, h, w), dtype=np.float32)
+        for i in tqdm(range(n), desc="spade maps", unit="image", disable=n < 8, leave=False):
+            gallery = self._train[np.sort(nearest[i])].reshape(-1, c)
+            d, _ = FlatIndex(gallery, "l2", self.device).search(test[i], self.params["k"])
+            maps[i] = d.mean(axis=1).reshape(h, w)
+        return scores, maps
