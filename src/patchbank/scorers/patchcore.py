@@ -68,23 +68,25 @@ def reweight(s_star: float, support_dists: np.ndarray) -> float:
 
 
 def greedy_kcenter(points: np.ndarray, n: int, start: int, device: str = "cpu",
-                   method: str = "auto", block: int = BLOCK, progress: bool = True) -> np.ndarray:
+                   method: str = "auto", block: int = BLOCK, progress: bool = True,
+                   dtype: torch.dtype = torch.float64) -> np.ndarray:
     """Exact greedy k-center: ``n`` indices, the first ``start``, each next the point with the
     largest Euclidean distance to its nearest chosen centre (first index on ties).
 
     ``method`` "lazy" (lazy block updates, see module doc; the CPU default) or "dense" (one
-    matrix-vector product per step, no host synchronisation; the CUDA default).
+    matrix-vector product per step, no host synchronisation; the CUDA default). Distances are
+    computed in ``dtype`` (float64: near-ties are resolved like a float64 reference would).
     """
     if method not in ("auto", "lazy", "dense"):
         raise ValueError(f"method must be 'auto', 'lazy' or 'dense', got {method!r}")
-    x = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32))
+    x = torch.from_numpy(np.ascontiguousarray(points))
     m = len(x)
     if not 1 <= n <= m or not 0 <= start < m:
         raise ValueError(f"need 1 <= n <= {m} and 0 <= start < {m}, got n={n}, start={start}")
     if method == "auto":
         method = "lazy" if device == "cpu" else "dense"
-    x = x.to(device)
-    x = x - x.mean(dim=0, dtype=torch.float64).to(torch.float32)  # smaller norms, less rounding
+    x = x.to(device, dtype)
+    x -= x.mean(dim=0)  # smaller norms, less rounding in |x|^2 + |c|^2 - 2 x.c
     sq = x.square().sum(dim=1)
     bar = tqdm(total=n, desc="coreset", unit="centre", disable=not progress, mininterval=0.5,
                leave=False)
