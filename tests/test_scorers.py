@@ -195,10 +195,12 @@ def clustered_points(m: int, dim: int, seed: int) -> np.ndarray:
                                           ("lazy", 1024), ("dense", 0)])
 def test_fast_greedy_selects_the_same_indices_as_the_naive_greedy(method: str,
                                                                   block: int) -> None:
-    z = clustered_points(700, 16, seed=6)
+    z = clustered_points(700, 16, seed=6).astype(np.float64)
+    z_before = z.copy()
     ref = naive_greedy(z, 90, start=123)
     got = greedy_kcenter(z, 90, start=123, method=method, block=max(block, 1), progress=False)
     assert got.tolist() == ref
+    np.testing.assert_array_equal(z, z_before)  # the input is not centred in place
 
 
 def covering_radius(points: np.ndarray, idx: np.ndarray) -> float:

@@ -79,13 +79,12 @@ def greedy_kcenter(points: np.ndarray, n: int, start: int, device: str = "cpu",
     """
     if method not in ("auto", "lazy", "dense"):
         raise ValueError(f"method must be 'auto', 'lazy' or 'dense', got {method!r}")
-    x = torch.from_numpy(np.ascontiguousarray(points))
+    x = torch.tensor(np.asarray(points), dtype=dtype, device=device)  # own copy, centred below
     m = len(x)
     if not 1 <= n <= m or not 0 <= start < m:
         raise ValueError(f"need 1 <= n <= {m} and 0 <= start < {m}, got n={n}, start={start}")
     if method == "auto":
         method = "lazy" if device == "cpu" else "dense"
-    x = x.to(device, dtype)
     x -= x.mean(dim=0)  # smaller norms, less rounding in |x|^2 + |c|^2 - 2 x.c
     sq = x.square().sum(dim=1)
     bar = tqdm(total=n, desc="coreset", unit="centre", disable=not progress, mininterval=0.5,
