@@ -196,7 +196,9 @@ def load_bank(
             features = npz["features"]
         meta = pd.read_csv(paths.csv, keep_default_na=False, dtype={"mask_path": str})
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-        raise BankError(f"{paths.npz}: unreadable bank ({err}); re-run extract with --overwrite")
+        raise BankError(
+            f"{paths.npz}: unreadable bank ({err}); re-run extract with --overwrite"
+        ) from None
     if list(meta.columns) != META_COLUMNS or len(meta) != len(features):
         raise BankError(
             f"{paths.csv}: does not match {paths.npz.name} ({len(meta)} rows vs "

@@ -1,4 +1,4 @@
-"""User-facing errors: one line that names the file and the fix; scripts print them without a traceback."""
+"""User-facing errors: one line naming the file and the fix, printed without a traceback."""
 
 
 class PatchbankError(Exception):

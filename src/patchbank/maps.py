@@ -1,4 +1,4 @@
-"""Anomaly maps from feature-grid to image resolution: bilinear upsampling, then Gaussian smoothing."""
+"""Anomaly maps from feature grid to image resolution: bilinear upsampling, Gaussian smoothing."""
 
 from __future__ import annotations
 

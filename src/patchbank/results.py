@@ -131,7 +131,9 @@ def load_run(paths: RunPaths) -> ScoreRun:
         if paths.train_scores.is_file():
             train = pd.read_csv(paths.train_scores)["score"].to_numpy(np.float64)
     except (OSError, ValueError, KeyError) as err:
-        raise ScoresError(f"{paths.folder}: unreadable score files ({err}); re-score with --overwrite")
+        raise ScoresError(
+            f"{paths.folder}: unreadable score files ({err}); re-score with --overwrite"
+        ) from None
     if list(scores.columns) != SCORE_COLUMNS or (maps is not None and len(maps) != len(scores)):
         raise ScoresError(f"{paths.image_scores}: malformed; re-score with --overwrite")
     return ScoreRun(scores=scores, maps=maps, train_scores=train, info=info)
