@@ -59,3 +59,51 @@ def bench_extract(data_root: Path, category: str, backbone: str, n_images: int =
     n = len(samples)
     return {"backbone": backbone, "images": n, "stage_ips": n / stage, "bare_ips": n / bare,
             "ratio": bare / stage, "bare_all_threads_ips": n / bare_all, "workers": workers}
+
+
+def bench_score(banks_dir: Path, backbone: str, category: str,
+                methods: list[str]) -> list[dict[str, float]]:
+    """Fit and score seconds of each method on one category's banks (one fit, no hold-out)."""
+    from patchbank.banks import load_pair
+    from patchbank.scorers import make_scorer
+
+    train, test = load_pair(banks_dir, backbone, category)
+    rows = []
+    for method in methods:
+        scorer = make_scorer(method)
+        t0 = time.perf_counter()
+        scorer.fit(train.features)
+        fit = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scorer.score(test.features)
+        rows.append({"method": method, "fit_s": fit, "score_s": time.perf_counter() - t0,
+                     "n_train": len(train.features), "n_test": len(test.features)})
+        log.info("%s: fit %.2f s, score %.2f s", method, fit, rows[-1]["score_s"])
+    return rows
+
+
+def fit_peak_memory(banks_dir: Path, backbone: str, category: str, method: str,
+                    copies: int) -> dict[str, float]:
+    """Peak traced memory (MiB) of one fit on the train bank repeated ``copies`` times.
+
+    tracemalloc sees numpy's allocations (PaDiM's accumulators and batches); the repeated bank
+    itself is allocated before tracing starts, so the number is the fit's own working memory.
+    """
+    import tracemalloc
+
+    import numpy as np
+
+    from patchbank.banks import load_bank
+    from patchbank.scorers import make_scorer
+
+    train = load_bank(banks_dir, backbone, category, "train").features
+    bank = np.concatenate([train] * copies)
+    scorer = make_scorer(method, device="cpu")
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    scorer.fit(bank)
+    seconds = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {"method": method, "n_train": len(bank), "bank_mib": bank.nbytes / 2**20,
+            "fit_peak_mib": peak / 2**20, "fit_s": seconds}
