@@ -14,7 +14,7 @@ from scipy.spatial.distance import cdist
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from sklearn.metrics import roc_auc_score
 
-from patchbank.errors import BankError
+from patchbank.errors import BankError, PatchbankError
 from patchbank.scorers import SCORERS, make_scorer
 from patchbank.scorers.base import coerce_param
 from patchbank.scorers.neighbors import FlatIndex, knn
@@ -333,7 +333,7 @@ def test_make_scorer_rejects_unknown_methods_keys_and_bad_values() -> None:
     with pytest.raises(ValueError, match="'seed' expects int"):
         make_scorer("patchcore", {"seed": True})
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no GPU"):
+        with pytest.raises(PatchbankError, match="CUDA is not available"):
             make_scorer("knn", device="cuda")
 
 

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from patchbank.errors import PatchbankError, WeightsError
+from patchbank.device import resolve_device
+from patchbank.errors import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -258,21 +259,6 @@ class _MaeExtractor(FeatureExtractor):
             tokens = torch.gather(tokens, 1, restore.expand(-1, -1, tokens.shape[-1]))
             maps.append(tokens.transpose(1, 2).reshape(b, -1, *self.grid))
         return maps
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> cuda when available, else cpu; anything else is checked and returned."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise PatchbankError(f"unknown device {device!r} ({err}); pass --device auto, cpu or "
-                             "cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PatchbankError(f"device {device!r} requested but CUDA is not available; pass "
-                             "--device cpu or --device auto")
-    return dev
 
 
 def _sha16(path: Path) -> str:

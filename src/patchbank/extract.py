@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from patchbank import __version__
-from patchbank.backbones import ExtractorInfo, FeatureExtractor, build_extractor, resolve_device
+from patchbank.backbones import ExtractorInfo, FeatureExtractor, build_extractor
 from patchbank.banks import (
     BANK_FORMAT,
     META_COLUMNS,
@@ -28,6 +28,7 @@ from patchbank.banks import (
     read_fingerprint,
 )
 from patchbank.data import ImageDataset, Sample, discover, files_hash, make_transform
+from patchbank.device import resolve_device
 from patchbank.errors import DatasetError
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
+from patchbank.device import resolve_device as _resolve_device
 from patchbank.errors import BankError
 
 if TYPE_CHECKING:
@@ -30,17 +30,8 @@ _TYPE_NAMES = {type(None): "None", bool: "bool", int: "int", float: "float", str
 
 
 def resolve_device(device: str) -> str:
-    """``"auto"`` -> ``"cuda"`` when torch sees a GPU, else ``"cpu"``; explicit names checked."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but torch sees no GPU; "
-                             "use device='auto' or 'cpu'")
-        return device
-    raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:i]'")
+    """:func:`patchbank.device.resolve_device` as a string (what faiss and torch calls take)."""
+    return str(_resolve_device(device))
 
 
 def coerce_param(method: str, key: str, value: Any, types: tuple[type, ...],
