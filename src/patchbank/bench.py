@@ -107,3 +107,74 @@ def fit_peak_memory(banks_dir: Path, backbone: str, category: str, method: str,
     tracemalloc.stop()
     return {"method": method, "n_train": len(bank), "bank_mib": bank.nbytes / 2**20,
             "fit_peak_mib": peak / 2**20, "fit_s": seconds}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synthetic_maps(category_root: Path, seed: int = 0) -> tuple[list, list, list]:
+    """(masks, maps, labels) for a category's test images: maps are blurred noisy masks."""
+    import numpy as np
+    from scipy import ndimage
+
+    from patchbank.data import load_mask
+
+    rng = np.random.default_rng(seed)
+    masks, maps, labels = [], [], []
+    for s in discover(category_root.parent, category_root.name, "test"):
+        if s.mask_path is None:
+            from PIL import Image
+
+            with Image.open(s.path) as im:
+                mask = np.zeros(im.size[::-1], dtype=bool)
+        else:
+            mask = load_mask(s.mask_path)
+        noisy = mask.astype(np.float32) + rng.normal(0, 2.0, mask.shape).astype(np.float32)
+        masks.append(mask)
+        maps.append(ndimage.gaussian_filter(noisy, sigma=3))
+        labels.append(s.label)
+    return masks, maps, labels
+
+
+def bench_metrics(category_root: Path, copies: int = 1, seed: int = 0) -> dict[str, float]:
+    """Seconds and peak memory of all image and pixel metrics on synthetic full-size maps."""
+    import numpy as np
+
+    from patchbank import metrics
+
+    masks, maps, labels = synthetic_maps(category_root, seed)
+    scores = np.array([m.max() for m in maps])
+    masks, maps = masks * copies, maps * copies
+    before = peak_rss_mib()
+    t0 = time.perf_counter()
+    pixel = metrics.pixel_metrics(masks, maps, progress=False)
+    t_pixel = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    metrics.image_auroc(labels, scores), metrics.image_ap(labels, scores)
+    metrics.best_f1(labels, scores)
+    t_image = time.perf_counter() - t0
+    return {"images": len(maps), "pixels": sum(m.size for m in maps), "pixel_s": t_pixel,
+            "image_s": t_image, "extra_rss_mib": peak_rss_mib() - before, **pixel}
+
+
+def bench_evaluate(scores_dir: Path, backbone: str, method: str, category: str,
+                   data_root: Path | None = None) -> dict[str, float]:
+    """The evaluate stage on a real run: masks + map upsampling/smoothing, then metrics."""
+    from patchbank import metrics
+    from patchbank.evaluate import masks_and_maps
+    from patchbank.results import RunPaths, load_run
+
+    run = load_run(RunPaths.of(scores_dir, backbone, method, category))
+    before = peak_rss_mib()
+    t0 = time.perf_counter()
+    masks, maps = masks_and_maps(run, category, data_root)
+    t_maps = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pixel = metrics.pixel_metrics(masks, maps, progress=False)
+    return {"method": method, "images": len(maps), "pixels": sum(m.size for m in maps),
+            "maps_s": t_maps, "metrics_s": time.perf_counter() - t0,
+            "extra_rss_mib": peak_rss_mib() - before, **pixel}

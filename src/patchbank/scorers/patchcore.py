@@ -196,9 +196,19 @@ class PatchCoreScorer(Scorer):
         self._index = FlatIndex(self.memory_bank_, "l2", self.device)
 
     def _score(self, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scores in batches of images, so memory stays bounded however large the test set."""
+        n, h, w, _ = test.shape
+        per = max(1, self.params["chunk"] // (h * w))
+        scores, maps = np.empty(n), np.empty((n, h, w), dtype=np.float32)
+        for lo, hi in tqdm(batches(n, per), desc="patchcore search", unit="batch", leave=False,
+                           total=math.ceil(n / per)):
+            scores[lo:hi], maps[lo:hi] = self._score_batch(test[lo:hi])
+        return scores, maps
+
+    def _score_batch(self, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n, h, w, _ = test.shape
         feats = aggregate(test, self.params["target_dim"])
-        dist, nn = self._index.search(feats, 1, self.params["chunk"], desc="patchcore search")
+        dist, nn = self._index.search(feats, 1, self.params["chunk"])
         maps = dist[:, 0].reshape(n, h, w)
         flat = maps.reshape(n, -1)
         worst = flat.argmax(axis=1)
