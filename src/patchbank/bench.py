@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -22,13 +21,10 @@ def bench_extract(data_root: Path, category: str, backbone: str, n_images: int =
     """Images/s of the whole extract stage and of the bare forward on the same batches.
 
     The stage decodes in DataLoader workers while the model runs; the bare forward gets the
-    same images already decoded and resized, and the same torch thread count the stage gives
-    its forward pass (all cores minus the decode workers). ``bare_all_threads`` is the bare
-    forward with every core, for reference.
+    same images already decoded and resized, with the same torch thread count.
     """
     samples = discover(data_root, category, "train")[:n_images]
     ext = Extractor(ExtractConfig(backbone, weights=weights, batch_size=batch_size))
-    workers = default_workers()
     with tempfile.TemporaryDirectory() as tmp:
         paths = BankPaths.of(Path(tmp), backbone, category, "train")
         fp = fingerprint(ext.info, None, samples, data_root, category, "train")
@@ -40,25 +36,16 @@ def bench_extract(data_root: Path, category: str, backbone: str, n_images: int =
     ds = ImageDataset(samples, ext.transform)
     batches = [torch.stack([ds[i][0] for i in range(s, min(s + batch_size, len(ds)))])
                for s in range(0, len(ds), batch_size)]
-    threads = torch.get_num_threads()
-
-    def forward(n_threads: int) -> float:
-        torch.set_num_threads(n_threads)
-        with torch.inference_mode():
-            ext.model(batches[0])
-            t = time.perf_counter()
-            for x in batches:
-                ext.model(x)
-            return time.perf_counter() - t
-
-    try:
-        bare = forward(max(1, (os.cpu_count() or 2) - workers))
-        bare_all = forward(os.cpu_count() or 2)
-    finally:
-        torch.set_num_threads(threads)
+    with torch.inference_mode():
+        ext.model(batches[0])
+        t0 = time.perf_counter()
+        for x in batches:
+            ext.model(x)
+        bare = time.perf_counter() - t0
     n = len(samples)
     return {"backbone": backbone, "images": n, "stage_ips": n / stage, "bare_ips": n / bare,
-            "ratio": bare / stage, "bare_all_threads_ips": n / bare_all, "workers": workers}
+            "ratio": bare / stage, "workers": default_workers(),
+            "threads": torch.get_num_threads()}
 
 
 def bench_score(banks_dir: Path, backbone: str, category: str,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,10 +86,9 @@ def metadata(samples: Sequence[Sample]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=META_COLUMNS)
 
 
-def _features(model: FeatureExtractor, loader: DataLoader, device: torch.device,
-              writer: BankWriter, desc: str) -> None:
+def _features(model: FeatureExtractor, batches: Iterator, device: torch.device,
+              writer: BankWriter) -> None:
     amp = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext())
-    batches = iter(tqdm(loader, desc=desc, unit="batch", leave=False))
     with torch.inference_mode():
         while True:
             try:
@@ -157,12 +156,14 @@ class Extractor:
             persistent_workers=False, prefetch_factor=4 if workers else None,
         )
         threads = torch.get_num_threads()
-        if self.device.type == "cpu" and workers:
-            # Decoding workers get their cores; the forward pass gets the rest.
-            torch.set_num_threads(max(1, (os.cpu_count() or 2) - workers))
         try:
+            # Fork the workers while torch's OpenMP pool is single-threaded: forking a process
+            # whose pool has several threads can deadlock the workers (GNU OpenMP).
+            torch.set_num_threads(1)
+            batches = iter(tqdm(loader, desc=desc, unit="batch", leave=False))
+            torch.set_num_threads(threads)
             with BankWriter(paths, len(samples), self.info.grid, self.info.channels) as writer:
-                _features(self.model, loader, self.device, writer, desc)
+                _features(self.model, batches, self.device, writer)
                 writer.commit(metadata(samples), fp)
         finally:
             torch.set_num_threads(threads)
