@@ -15,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,11 +128,11 @@ def _mask_index(folder: Path) -> dict[str, Path]:
     return index
 
 
-def _header_size(path: Path) -> tuple[int, int]:
-    """(W, H) from the file header only (no pixel decode)."""
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn a missing or undecodable image file into a one-line DatasetError naming it."""
     try:
-        with Image.open(path) as img:
-            return img.size
+        yield
     except FileNotFoundError as err:
         raise DatasetError(f"{path}: file missing — check the dataset folder") from err
     except _DECODE_ERRORS as err:
@@ -139,6 +140,12 @@ def _header_size(path: Path) -> tuple[int, int]:
             f"{path}: cannot read image ({type(err).__name__}: {_one_line(err)}): "
             "re-download or remove it"
         ) from err
+
+
+def header_size(path: Path) -> tuple[int, int]:
+    """(W, H) from the file header only (no pixel decode)."""
+    with _reading(path), Image.open(path) as img:
+        return img.size
 
 
 def discover(root: Path, category: str, split: str) -> list[Sample]:
@@ -210,7 +217,7 @@ def discover(root: Path, category: str, split: str) -> list[Sample]:
                         f"{expected}: mask missing for defective image {img}; add the mask "
                         "or remove the ground_truth folder for image-level results only"
                     )
-                img_size, mask_size = _header_size(img), _header_size(mask)
+                img_size, mask_size = header_size(img), header_size(mask)
                 if img_size != mask_size:
                     raise DatasetError(_size_message(mask, mask_size, img_size))
             samples.append(Sample(img, category, "test", defect, label, mask))
@@ -244,17 +251,9 @@ def _open_decoded(path: Path) -> tuple[Image.Image, int | None]:
     Any failure becomes a one-line DatasetError naming the file.
     """
     path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy(), _declared_bits(img)
-    except FileNotFoundError as err:
-        raise DatasetError(f"{path}: file missing — check the dataset folder") from err
-    except _DECODE_ERRORS as err:
-        raise DatasetError(
-            f"{path}: cannot read image ({type(err).__name__}: {_one_line(err)}): "
-            "re-download or remove it"
-        ) from err
+    with _reading(path), Image.open(path) as img:
+        img.load()
+        return img.copy(), _declared_bits(img)
 
 
 def _declared_bits(img: Image.Image) -> int | None:
@@ -320,7 +319,7 @@ def load_mask(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
     """Boolean (H, W) defect mask (nonzero = defect); ``size`` (W, H) must match if given."""
     path = Path(path)
     if size is not None:
-        mask_size = _header_size(path)
+        mask_size = header_size(path)
         if tuple(mask_size) != tuple(size):
             raise DatasetError(_size_message(path, mask_size, (int(size[0]), int(size[1]))))
     img, _ = _open_decoded(path)

@@ -27,7 +27,14 @@ from patchbank.banks import (
     fingerprint_diff,
     read_fingerprint,
 )
-from patchbank.data import ImageDataset, Sample, discover, files_hash, make_transform
+from patchbank.data import (
+    ImageDataset,
+    Sample,
+    discover,
+    files_hash,
+    header_size,
+    make_transform,
+)
 from patchbank.device import resolve_device
 from patchbank.errors import DatasetError
 
@@ -75,12 +82,9 @@ def fingerprint(info: ExtractorInfo, crop: int | None, samples: Sequence[Sample]
 
 def metadata(samples: Sequence[Sample]) -> pd.DataFrame:
     """The bank's CSV: one row per image, original sizes read from image headers."""
-    from PIL import Image
-
     rows = []
     for s in samples:
-        with Image.open(s.path) as im:
-            width, height = im.size
+        width, height = header_size(s.path)
         rows.append([str(s.path), s.category, s.split, s.defect_type, s.label,
                      str(s.mask_path) if s.mask_path else "", height, width])
     return pd.DataFrame(rows, columns=META_COLUMNS)
