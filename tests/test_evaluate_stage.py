@@ -119,3 +119,15 @@ def test_load_run_of_missing_run_says_what_to_run(tmp_path: Path) -> None:
 
     with pytest.raises(ScoresError, match="scripts/score.py --backbone toy --method knn"):
         load_run(RunPaths.of(tmp_path, "toy", "knn", "widget"))
+
+
+def test_evaluating_one_category_keeps_the_others(tmp_path: Path) -> None:
+    perfect_run(tmp_path)
+    out = tmp_path / "scores" / "toy" / "hand" / "metrics.csv"
+    evaluate(tmp_path / "scores", "toy", "hand", ["widget"], figures=False)
+    table = pd.read_csv(out)
+    other = table.iloc[[0]].assign(category="gadget", image_auroc=0.5)
+    pd.concat([other, table]).to_csv(out, index=False)
+    merged = evaluate(tmp_path / "scores", "toy", "hand", ["widget"], figures=False)
+    assert merged["category"].tolist() == ["gadget", "widget", "mean"]
+    assert merged["image_auroc"].iloc[-1] == pytest.approx(0.75)  # mean of 0.5 and 1.0

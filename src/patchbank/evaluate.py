@@ -132,14 +132,28 @@ def evaluate(scores_dir: Path, backbone: str, method: str, categories: Sequence[
 
             write_category_figures(run, category, Path(scores_dir, backbone, method, "figures"),
                                    data_root=data_root)
-    table = pd.DataFrame(rows).reindex(columns=METRIC_COLUMNS + EXTRA_COLUMNS)
+    out = Path(scores_dir, backbone, method, "metrics.csv")
+    table = merge_metrics(out, pd.DataFrame(rows).reindex(columns=METRIC_COLUMNS + EXTRA_COLUMNS))
+    table.to_csv(out, index=False, float_format="%.6g")
+    log.info("wrote %s (%d categories)", out, len(table) - 1)
+    return table
+
+
+def merge_metrics(path: Path, new: pd.DataFrame) -> pd.DataFrame:
+    """New category rows plus earlier rows of other categories in ``path``, then a fresh mean.
+
+    Evaluating one category never drops what was measured for the others.
+    """
+    if path.is_file():
+        old = pd.read_csv(path, keep_default_na=True)
+        keep = old[(old["category"] != "mean") & ~old["category"].isin(new["category"])]
+        if len(keep):
+            log.info("%s: keeping earlier rows for %s", path, ", ".join(keep["category"]))
+            new = pd.concat([keep.reindex(columns=new.columns), new], ignore_index=True)
+    table = new.sort_values("category", kind="stable").reset_index(drop=True)
     mean = table.drop(columns=["category", "eval_resolution"]).mean(numeric_only=True).to_dict()
     mean.update(category="mean", eval_resolution=table["eval_resolution"].iloc[0])
-    table = pd.concat([table, pd.DataFrame([mean])], ignore_index=True)[table.columns]
-    out = Path(scores_dir, backbone, method, "metrics.csv")
-    table.to_csv(out, index=False, float_format="%.6g")
-    log.info("wrote %s", out)
-    return table
+    return pd.concat([table, pd.DataFrame([mean])], ignore_index=True)[table.columns]
 
 
 def leaderboard(scores_dir: Path) -> pd.DataFrame:
