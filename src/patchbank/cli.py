@@ -52,14 +52,13 @@ def _data_root(args: argparse.Namespace) -> Path:
     return args.data_root if args.data_root is not None else ensure_demo_dataset()
 
 
-def _categories(args: argparse.Namespace) -> list[str]:
-    """Categories for stages that read banks/scores: resolved on disk, not on the dataset."""
+def _categories(args: argparse.Namespace, folder: Path, marker: str, hint: str) -> list[str]:
+    """Categories for stages that read banks/scores: the given ones, or all found on disk."""
     if args.category != "all":
         return [c for c in args.category.split(",") if c]
-    folder = Path(args.banks_dir, args.backbone)
-    found = sorted(p.name for p in folder.glob("*") if (p / "test.json").is_file())
+    found = sorted(p.parent.name for p in folder.glob(f"*/{marker}"))
     if not found:
-        raise PatchbankError(f"{folder}: no banks; run scripts/extract.py first")
+        raise PatchbankError(f"{folder}: nothing found; run {hint} first")
     return found
 
 
@@ -106,7 +105,9 @@ def score_main(argv: Sequence[str] | None = None) -> None:
         from patchbank.score import score_category
 
         params = parse_params(args.param)
-        for category in _categories(args):
+        cats = _categories(args, Path(args.banks_dir, args.backbone), "test.json",
+                           "scripts/extract.py")
+        for category in cats:
             status = score_category(args.banks_dir, args.scores_dir, args.backbone, args.method,
                                     category, params, name=args.name, holdout=args.holdout,
                                     device=args.device, overwrite=args.overwrite)
@@ -128,13 +129,8 @@ def evaluate_main(argv: Sequence[str] | None = None) -> None:
     def run(args: argparse.Namespace) -> None:
         from patchbank.evaluate import evaluate, leaderboard
 
-        if args.category == "all":
-            folder = Path(args.scores_dir, args.backbone, args.method)
-            cats = sorted(p.parent.name for p in folder.glob("*/run.json"))
-            if not cats:
-                raise PatchbankError(f"{folder}: no score runs; run scripts/score.py first")
-        else:
-            cats = args.category.split(",")
+        cats = _categories(args, Path(args.scores_dir, args.backbone, args.method), "run.json",
+                           "scripts/score.py")
         table = evaluate(args.scores_dir, args.backbone, args.method, cats, args.data_root,
                          args.eval_size, figures=not args.no_figures)
         print(table[["category", "image_auroc", "pixel_auroc", "pro", "best_dice",
