@@ -99,9 +99,12 @@ def test_killed_run_leaves_no_half_written_bank(tmp_path: Path) -> None:
     assert old.npz.read_bytes() == before
     assert bank_status(old, fp_old) == "complete"
     # the next writer cleans the killed run's temporary file
-    assert list(old.npz.parent.glob(".train.*.features.npy"))
+    killed = list(old.npz.parent.glob(".train.*.npz"))
+    assert len(killed) == 1
+    live = old.npz.with_name(f".train.{os.getppid()}.npz")  # a writer that is still running
+    live.write_bytes(b"")
     write(tmp_path, "train", np.zeros((3, 4, 4, 8), np.float32))
-    assert not list(old.npz.parent.glob(".train.*.features.npy"))
+    assert not killed[0].exists() and live.exists()
 
 
 def test_missing_and_incomplete_banks(tmp_path: Path) -> None:

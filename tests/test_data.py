@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from patchbank.data import (
     ImageDataset,
+    Preprocess,
     Sample,
     discover,
     files_hash,
@@ -22,7 +23,6 @@ from patchbank.data import (
     list_categories,
     load_image,
     load_mask,
-    make_transform,
     resolve_categories,
 )
 from patchbank.demo import make_demo_dataset
@@ -224,7 +224,7 @@ def test_error_truncated_and_fake_images(demo_copy: Path) -> None:
 
 def test_image_dataset_and_loader_errors(demo_copy: Path) -> None:
     samples = discover(demo_copy, "demo_texture", "train")
-    ds = ImageDataset(samples, make_transform(32, MEAN, STD))
+    ds = ImageDataset(samples, Preprocess(32, MEAN, STD))
     x, idx = ds[2]
     assert len(ds) == N_TRAIN and idx == 2 and x.shape == (3, 32, 32)
     batch, index = next(iter(DataLoader(ds, batch_size=N_TRAIN)))
@@ -304,22 +304,42 @@ def test_load_mask_modes(tmp_path: Path) -> None:
 
 def test_make_transform_shape_and_normalisation() -> None:
     img = Image.new("RGB", (50, 30), (128, 64, 255))  # non-square: no crop, stretched
-    x = make_transform(32, MEAN, STD)(img)
+    x = Preprocess(32, MEAN, STD)(img)
     assert type(x) is torch.Tensor and x.dtype == torch.float32 and x.shape == (3, 32, 32)
     expected = (torch.tensor([128, 64, 255]) / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
     assert torch.allclose(x, expected[:, None, None].expand(3, 32, 32), atol=1e-5)
-    assert make_transform(32, MEAN, STD, crop=24)(img).shape == (3, 24, 24)
+    assert Preprocess(32, MEAN, STD, crop=24)(img).shape == (3, 24, 24)
     with pytest.raises(ValueError):
-        make_transform(32, MEAN, STD, crop=40)
+        Preprocess(32, MEAN, STD, crop=40)
+
+
+@pytest.mark.parametrize("crop", [None, 48])
+def test_preprocess_equals_the_torchvision_pipeline(crop: int | None) -> None:
+    """Resize in workers + normalise on the device = torchvision's one-image pipeline, so banks
+    keep their values whether pixels come from images or from the image cache."""
+    from torchvision.transforms import v2
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, size=(90, 120, 3), dtype=np.uint8))
+    steps = [v2.Resize((64, 64), antialias=True)] + ([v2.CenterCrop(crop)] if crop else [])
+    reference = v2.Compose([*steps, v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                            v2.Normalize(MEAN, STD)])(img)
+    pre = Preprocess(64, MEAN, STD, crop=crop)
+    pixels = pre.resize(img)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (64, 64, 3)
+    torch.testing.assert_close(pre(img), reference.as_subclass(torch.Tensor), rtol=0, atol=1e-6)
+    batch = pre.batch(torch.stack([pixels, pixels.flip(0)]))
+    assert batch.shape == (2, 3, crop or 64, crop or 64)
+    torch.testing.assert_close(batch[0], pre(img))
 
 
 def test_make_transform_keeps_borders() -> None:
     arr = np.zeros((64, 64, 3), dtype=np.uint8)
     arr[:, :4] = 255  # a bright defect touching the left border
-    x = make_transform(32, (0, 0, 0), (1, 1, 1))(Image.fromarray(arr))
+    x = Preprocess(32, (0, 0, 0), (1, 1, 1))(Image.fromarray(arr))
     assert torch.allclose(x[:, :, 0], torch.ones(3, 32), atol=1e-6)  # still there, full strength
     assert torch.allclose(x[:, :, 3:], torch.zeros(3, 32, 29), atol=1e-6)
-    cropped = make_transform(32, (0, 0, 0), (1, 1, 1), crop=24)(Image.fromarray(arr))
+    cropped = Preprocess(32, (0, 0, 0), (1, 1, 1), crop=24)(Image.fromarray(arr))
     assert cropped.max() == 0  # the centre crop removes the border defect
 
 

@@ -55,7 +55,7 @@ def test_features_match_a_direct_forward(demo: Path, tmp_path: Path) -> None:
     ext = Extractor(SMALL)
     ext.run(demo, "demo_texture", tmp_path)
     bank = load_bank(tmp_path, "efficientnet_lite0", "demo_texture", "test")
-    ds = ImageDataset(discover(demo, "demo_texture", "test"), ext.transform)
+    ds = ImageDataset(discover(demo, "demo_texture", "test"), ext.preprocess)
     x = torch.stack([ds[i][0] for i in (0, 4)])
     with torch.inference_mode():
         direct = ext.model(x).permute(0, 2, 3, 1).numpy()
@@ -125,6 +125,7 @@ def test_corrupt_image_in_a_worker_names_the_file(tmp_path: Path) -> None:
     (["--data-root", "/no/such/root"], "/no/such/root"),
     (["--category", "nosuch"], "nosuch"),
     (["--weights", "/no/such/weights.pth"], "/no/such/weights.pth"),
+    (["--crop", "80"], "--crop 80"),
 ])
 def test_cli_errors_are_one_line(demo: Path, tmp_path: Path, args, expected) -> None:
     base = ["--backbone", "efficientnet_lite0", "--data-root", str(demo), "--banks-dir",

@@ -105,61 +105,95 @@ def bank_status(paths: BankPaths, fingerprint: Mapping[str, Any]) -> str:
     return "complete" if not fingerprint_diff(found, fingerprint) else "stale"
 
 
+def sweep_temporaries(folder: Path, pattern: str) -> None:
+    """Remove temporary files ``<folder>/<pattern>`` left by killed runs.
+
+    The pattern's ``*`` is the writer's process id; files of processes still running are kept.
+    """
+    for leftover in Path(folder).glob(pattern):
+        pid = leftover.name.split(".")[pattern.split(".").index("*")]
+        try:
+            os.kill(int(pid), 0)
+        except (ValueError, ProcessLookupError):
+            leftover.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # another user's live process
+
+
 class BankWriter:
     """Stream features into a bank without holding the dataset in memory.
 
-    Features go into a memory-mapped temporary ``.npy`` file; :meth:`commit` packs it into the
-    ``.npz`` (stored, not compressed: float16 features hardly compress) and writes the CSV and
-    the fingerprint, each through a temporary file and an atomic rename. If the writer is closed
-    without commit (an exception, a kill), the temporary files are removed and any previous bank
-    at that place is left as it was.
+    Features go straight into the ``features.npy`` member of a temporary ``.npz`` (stored, not
+    compressed: float16 features hardly compress), in row order; batches that arrive early wait
+    in memory for the rows before them. :meth:`commit` writes the CSV and the fingerprint, each
+    through a temporary file and an atomic rename. If the writer is closed without commit (an
+    exception, a kill), the temporary files are removed and any previous bank at that place is
+    left as it was.
     """
 
     def __init__(self, paths: BankPaths, n: int, grid: tuple[int, int], channels: int) -> None:
         self.paths = paths
         paths.npz.parent.mkdir(parents=True, exist_ok=True)
-        for leftover in paths.npz.parent.glob(f".{paths.npz.stem}.*.features.npy"):
-            leftover.unlink(missing_ok=True)  # from a killed run
-        self._tmp_npy = paths.npz.with_name(f".{paths.npz.stem}.{os.getpid()}.features.npy")
-        self._features = np.lib.format.open_memmap(
-            self._tmp_npy, mode="w+", dtype=np.float16, shape=(n, *grid, channels)
-        )
-        self._filled = np.zeros(n, dtype=bool)
+        sweep_temporaries(paths.npz.parent, f".{paths.npz.stem}.*.npz")
+        self._tmp_npz = paths.npz.with_name(f".{paths.npz.stem}.{os.getpid()}.npz")
+        self._shape = (n, *grid, channels)
+        self._zip = zipfile.ZipFile(self._tmp_npz, "w", compression=zipfile.ZIP_STORED,
+                                    allowZip64=True)
+        self._stream = self._zip.open("features.npy", "w", force_zip64=True)
+        np.lib.format.write_array_header_1_0(
+            self._stream, {"descr": np.dtype(np.float16).str, "fortran_order": False,
+                           "shape": self._shape})
+        self._next = 0  # rows before this one are written
+        self._early: dict[int, np.ndarray] = {}  # first row -> batch waiting for earlier rows
 
     def write(self, indices: np.ndarray, features: np.ndarray) -> None:
-        """Store (B, h, w, C) features for the images at ``indices``."""
-        self._features[indices] = features.astype(np.float16, copy=False)
-        self._filled[indices] = True
+        """Store (B, h, w, C) features for the images at ``indices`` (consecutive rows)."""
+        indices = np.asarray(indices)
+        if len(indices) == 0:
+            return
+        start = int(indices[0])
+        if not np.array_equal(indices, np.arange(start, start + len(indices))) or \
+                features.shape != (len(indices), *self._shape[1:]):
+            raise ValueError(f"expected features {self._shape[1:]} for consecutive rows, got "
+                             f"{features.shape} for rows {indices.tolist()}")
+        self._early[start] = np.ascontiguousarray(features, dtype=np.float16)
+        while self._next in self._early:
+            batch = self._early.pop(self._next)
+            self._stream.write(batch.data)
+            self._next += len(batch)
 
     def commit(self, meta: pd.DataFrame, fingerprint: Mapping[str, Any]) -> None:
         """Finish the bank: every image must have been written."""
-        if not self._filled.all():
-            missing = int((~self._filled).sum())
+        n = self._shape[0]
+        if self._next != n or self._early:
+            missing = n - self._next - sum(len(b) for b in self._early.values())
             raise BankError(f"{self.paths.npz}: {missing} images were never written; re-run")
-        if list(meta.columns) != META_COLUMNS or len(meta) != len(self._filled):
-            raise ValueError(f"meta must have columns {META_COLUMNS} and {len(self._filled)} rows")
-        self._features.flush()
-        del self._features
+        if list(meta.columns) != META_COLUMNS or len(meta) != n:
+            raise ValueError(f"meta must have columns {META_COLUMNS} and {n} rows")
+        self._stream.close()
+        self._zip.close()
         p = self.paths
-        tmp_npz, tmp_csv, tmp_json = (x.with_name(f".{x.name}.tmp") for x in (p.npz, p.csv, p.json))
-        with zipfile.ZipFile(tmp_npz, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            zf.write(self._tmp_npy, arcname="features.npy")
+        tmp_csv, tmp_json = (x.with_name(f".{x.name}.tmp") for x in (p.csv, p.json))
         meta.to_csv(tmp_csv, index=False)
         tmp_json.write_text(json.dumps(dict(fingerprint), indent=2, sort_keys=True))
         # The old fingerprint goes first: from here until the new one lands the bank reads as
         # incomplete, never as a complete bank with mismatched parts.
         p.json.unlink(missing_ok=True)
-        os.replace(tmp_npz, p.npz)
+        os.replace(self._tmp_npz, p.npz)
         os.replace(tmp_csv, p.csv)
         os.replace(tmp_json, p.json)
         self.close()
 
     def close(self) -> None:
         """Drop temporary files (safe to call twice)."""
-        if hasattr(self, "_features"):
-            del self._features
-        self._tmp_npy.unlink(missing_ok=True)
-        for x in (self.paths.npz, self.paths.csv, self.paths.json):
+        self._early.clear()
+        try:
+            self._stream.close()
+            self._zip.close()
+        except (OSError, ValueError):
+            pass  # already closed, or the disk failed: the file is removed anyway
+        self._tmp_npz.unlink(missing_ok=True)
+        for x in (self.paths.csv, self.paths.json):
             x.with_name(f".{x.name}.tmp").unlink(missing_ok=True)
 
     def __enter__(self) -> BankWriter:

@@ -33,6 +33,8 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
                    help="'hub' (pretrained, default), a local weights file, or 'random'")
     p.add_argument("--image-size", type=int, default=None, help="square input size")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-image-cache", dest="image_cache", action="store_false",
+                   help="do not keep resized images under <banks-dir>/_imagecache for reuse")
 
 
 def parse_params(items: Sequence[str]) -> dict[str, str]:
@@ -80,7 +82,8 @@ def extract_main(argv: Sequence[str] | None = None) -> None:
         root = _data_root(args)
         layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
         config = ExtractConfig(args.backbone, args.weights, layers, args.image_size, args.crop,
-                               args.normalize, args.batch_size, args.workers, args.device)
+                               args.normalize, args.batch_size, args.workers, args.device,
+                               args.image_cache)
         done = extract(root, resolve_categories(root, args.category), config, args.banks_dir,
                        args.overwrite)
         for category, splits in done.items():
@@ -162,7 +165,7 @@ def run_main(argv: Sequence[str] | None = None) -> None:
             banks_dir=args.banks_dir, scores_dir=args.scores_dir, weights=args.weights,
             image_size=args.image_size, device=args.device, params=parse_params(args.param),
             overwrite=args.overwrite, figures=not args.no_figures, eval_size=args.eval_size,
-            batch_size=args.batch_size,
+            batch_size=args.batch_size, image_cache=args.image_cache,
         )
         print(f"\nLeaderboard ({args.scores_dir / 'leaderboard.md'}):\n")
         print(leaderboard_markdown(board))

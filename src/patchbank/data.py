@@ -336,22 +336,27 @@ def load_mask(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
 # --------------------------------------------------------------------------- hashing
 
 
-def files_hash(samples: Sequence[Sample], root: Path) -> str:
-    """sha256 over sorted (relative path, size, mtime_ns) of the samples' images and masks."""
-    root = Path(root).resolve()
-    paths = {s.path for s in samples} | {s.mask_path for s in samples if s.mask_path is not None}
+def relative_path(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` (POSIX), or absolute when it lies outside ``root``."""
+    full = Path(path).resolve()
+    try:
+        return full.relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return full.as_posix()
+
+
+def files_hash(samples: Sequence[Sample], root: Path, masks: bool = True) -> str:
+    """sha256 over sorted (relative path, size, mtime_ns) of the samples' images (and masks)."""
+    paths = {s.path for s in samples}
+    if masks:
+        paths |= {s.mask_path for s in samples if s.mask_path is not None}
     rows: list[tuple[str, int, int]] = []
     for p in paths:
-        full = Path(p).resolve()
         try:
-            rel = full.relative_to(root).as_posix()
-        except ValueError:
-            rel = full.as_posix()
-        try:
-            st = os.stat(full)
+            st = os.stat(p)
         except FileNotFoundError as err:
             raise DatasetError(f"{p}: file missing — dataset changed; re-run discovery") from err
-        rows.append((rel, st.st_size, st.st_mtime_ns))
+        rows.append((relative_path(p, root), st.st_size, st.st_mtime_ns))
     digest = hashlib.sha256()
     for rel, size, mtime in sorted(rows):
         digest.update(f"{rel}\t{size}\t{mtime}\n".encode())
@@ -361,43 +366,51 @@ def files_hash(samples: Sequence[Sample], root: Path) -> str:
 # --------------------------------------------------------------------------- transforms
 
 
-def make_transform(
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    crop: int | None = None,
-) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL RGB -> normalised float tensor (3, S, S).
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes model input, in two halves.
 
-    Resizes to ``image_size`` x ``image_size`` (bilinear, antialiased) without cropping, so
-    defects at the borders count; with ``crop`` the resized image is centre-cropped to ``crop``.
+    :meth:`resize` runs in the DataLoader workers and gives (S, S, 3) uint8 pixels — bilinear,
+    antialiased, **without** crop so defects at the borders count; these are what the image cache
+    stores. :meth:`batch` runs on the model's device: optional centre crop to ``crop``, scale to
+    [0, 1], normalise with ``mean``/``std``. Calling the object does both for one image.
     """
-    if image_size <= 0:
-        raise ValueError(f"image_size must be positive, got {image_size}")
-    if crop is not None and not 0 < crop <= image_size:
-        raise ValueError(f"crop must be in 1..image_size={image_size}, got {crop}")
-    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-        raise ValueError(f"mean and std need 3 values each (std > 0), got {mean}, {std}")
-    steps: list[Callable] = [
-        v2.Resize(
-            (image_size, image_size),
-            interpolation=v2.InterpolationMode.BILINEAR,
-            antialias=True,
-        ),
-    ]
-    if crop is not None:
-        steps.append(v2.CenterCrop(crop))
-    steps += [
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=[float(m) for m in mean], std=[float(s) for s in std]),
-        v2.ToPureTensor(),
-    ]
-    return v2.Compose(steps)
+
+    image_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    crop: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if self.crop is not None and not 0 < self.crop <= self.image_size:
+            raise ValueError(f"crop must be in 1..image_size={self.image_size}, got {self.crop}")
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
+            raise ValueError(
+                f"mean and std need 3 values each (std > 0), got {self.mean}, {self.std}"
+            )
+
+    def resize(self, img: Image.Image) -> torch.Tensor:
+        """PIL RGB -> (S, S, 3) uint8 tensor."""
+        size = (self.image_size, self.image_size)
+        return torch.from_numpy(np.array(img.resize(size, Image.Resampling.BILINEAR)))
+
+    def batch(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, S, S, 3) uint8 -> (B, 3, s, s) float32 normalised (s = crop or S)."""
+        x = pixels.permute(0, 3, 1, 2)
+        if self.crop is not None:
+            x = v2.functional.center_crop(x, [self.crop, self.crop])
+        x = x.float().div_(255.0)
+        return v2.functional.normalize(x, [float(m) for m in self.mean],
+                                       [float(s) for s in self.std], inplace=True)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.batch(self.resize(img)[None])[0]
 
 
 class ImageDataset(Dataset):
-    """(samples, transform) -> items ``(tensor, index)``; decoding happens in DataLoader workers.
+    """(samples, transform) -> items ``(transform(image), index)``; run it in DataLoader workers.
 
     A bad image raises DatasetError naming the file.
     """
@@ -426,6 +439,7 @@ __all__ = [
     "list_categories",
     "load_image",
     "load_mask",
-    "make_transform",
+    "Preprocess",
+    "relative_path",
     "resolve_categories",
 ]

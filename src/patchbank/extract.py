@@ -5,18 +5,19 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from patchbank import __version__
-from patchbank.backbones import ExtractorInfo, FeatureExtractor, build_extractor
+from patchbank.backbones import ExtractorInfo, FeatureExtractor, build_extractor, get_spec
 from patchbank.banks import (
     BANK_FORMAT,
     META_COLUMNS,
@@ -29,16 +30,20 @@ from patchbank.banks import (
 )
 from patchbank.data import (
     ImageDataset,
+    Preprocess,
     Sample,
     discover,
     files_hash,
     header_size,
-    make_transform,
 )
 from patchbank.device import resolve_device
-from patchbank.errors import DatasetError
+from patchbank.errors import DatasetError, PatchbankError
+from patchbank.imagecache import CacheWriter, ImageCache
 
 log = logging.getLogger(__name__)
+
+#: Folder under the banks directory that holds the decoded-image cache.
+IMAGE_CACHE_DIR = "_imagecache"
 
 
 @dataclass(frozen=True)
@@ -54,10 +59,11 @@ class ExtractConfig:
     batch_size: int = 16
     num_workers: int | None = None
     device: str = "auto"
+    image_cache: bool = True
 
 
-def fingerprint(info: ExtractorInfo, crop: int | None, samples: Sequence[Sample], root: Path,
-                category: str, split: str) -> dict[str, Any]:
+def fingerprint(info: ExtractorInfo, preprocess: Preprocess, samples: Sequence[Sample],
+                root: Path, category: str, split: str) -> dict[str, Any]:
     """Everything that changes a bank's content; stored beside it and compared on re-runs."""
     return {
         "format": BANK_FORMAT,
@@ -66,10 +72,10 @@ def fingerprint(info: ExtractorInfo, crop: int | None, samples: Sequence[Sample]
         "model_id": info.model_id,
         "weights": info.weights_id,
         "layers": list(info.layers),
-        "image_size": info.image_size,
-        "crop": crop,
-        "mean": [round(float(m), 6) for m in info.mean],
-        "std": [round(float(s), 6) for s in info.std],
+        "image_size": preprocess.image_size,
+        "crop": preprocess.crop,
+        "mean": [round(float(m), 6) for m in preprocess.mean],
+        "std": [round(float(s), 6) for s in preprocess.std],
         "grid": list(info.grid),
         "channels": info.channels,
         "dtype": "float16",
@@ -90,23 +96,39 @@ def metadata(samples: Sequence[Sample]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=META_COLUMNS)
 
 
-def _features(model: FeatureExtractor, batches: Iterator, device: torch.device,
-              writer: BankWriter) -> None:
+def _features(model: FeatureExtractor, preprocess: Preprocess, batches: Iterator,
+              device: torch.device, writer: BankWriter, cache: CacheWriter | None) -> None:
+    """Run the model over ``batches`` of (uint8 pixels, indices) and stream the grids to disk.
+
+    Saving stays on this thread: a background writer measured slower on CPU, where it competes
+    with torch's own threads.
+    """
     amp = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext())
     with torch.inference_mode():
         while True:
             try:
-                images, idx = next(batches)
+                pixels, idx = next(batches)
             except StopIteration:
                 break
             except DatasetError as err:
                 # Re-raised from a DataLoader worker with its traceback appended: keep the line
                 # that names the file.
                 raise DatasetError(str(err).strip().splitlines()[-1]) from None
+            if cache is not None:
+                cache.write(idx.numpy(), pixels.numpy())
+            # uint8 crosses to the device; crop and normalisation happen there.
+            images = preprocess.batch(pixels.to(device, non_blocking=True))
             with amp:
-                feats = model(images.to(device, non_blocking=True))
-            # (B, C, h, w) -> (B, h, w, C); cast on the device so only float16 crosses to the host.
-            writer.write(idx.numpy(), feats.permute(0, 2, 3, 1).half().cpu().numpy())
+                feats = model(images)
+            # (B, C, h, w) -> (B, h, w, C) float16 on the device: only the bank's bytes cross.
+            writer.write(idx.numpy(), feats.half().permute(0, 2, 3, 1).contiguous().cpu().numpy())
+
+
+def _cached_batches(pixels: np.ndarray, batch_size: int) -> Iterator:
+    """Batches of (uint8 pixels, indices) read from a memory-mapped image cache."""
+    for start in range(0, len(pixels), batch_size):
+        stop = min(start + batch_size, len(pixels))
+        yield torch.from_numpy(np.array(pixels[start:stop])), torch.arange(start, stop)
 
 
 def default_workers() -> int:
@@ -120,15 +142,19 @@ class Extractor:
     def __init__(self, config: ExtractConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)
+        size = config.image_size or get_spec(config.backbone).image_size
+        if config.crop is not None and not 0 < config.crop <= size:
+            raise PatchbankError(f"--crop {config.crop} must be between 1 and the image size "
+                                 f"{size}; pass a smaller --crop or a larger --image-size")
+        # Images are resized to ``size``, then centre-cropped: the model sees ``crop`` pixels.
         self.model, self.info = build_extractor(
             config.backbone, weights=config.weights, layers=config.layers,
-            image_size=config.image_size, device=str(self.device), normalize=config.normalize,
+            image_size=config.crop or size, device=str(self.device), normalize=config.normalize,
         )
-        self.transform = make_transform(self.info.image_size, self.info.mean, self.info.std,
-                                        crop=config.crop)
-        log.info("%s: weights %s, layers %s, %d px -> grid %s x %d channels", self.info.backbone,
-                 self.info.weights_id, self.info.layers, self.info.image_size, self.info.grid,
-                 self.info.channels)
+        self.preprocess = Preprocess(size, self.info.mean, self.info.std, crop=config.crop)
+        log.info("%s: weights %s, layers %s, %d px (crop %s) -> grid %s x %d channels",
+                 self.info.backbone, self.info.weights_id, self.info.layers, size, config.crop,
+                 self.info.grid, self.info.channels)
 
     def run(self, data_root: Path, category: str, banks_dir: Path,
             overwrite: bool = False) -> dict[str, str]:
@@ -136,7 +162,7 @@ class Extractor:
         done = {}
         for split in SPLITS:
             samples = discover(data_root, category, split)
-            fp = fingerprint(self.info, self.config.crop, samples, data_root, category, split)
+            fp = fingerprint(self.info, self.preprocess, samples, data_root, category, split)
             paths = BankPaths.of(banks_dir, self.config.backbone, category, split)
             status = bank_status(paths, fp)
             if status == "complete" and not overwrite:
@@ -146,31 +172,50 @@ class Extractor:
             if status == "stale":
                 diff = fingerprint_diff(read_fingerprint(paths) or {}, fp)
                 log.warning("%s: stale (%s), rebuilding", paths.npz, "; ".join(diff))
-            self._extract(samples, paths, fp, f"{category}/{split}")
+            cache = (ImageCache.of(banks_dir / IMAGE_CACHE_DIR, data_root, samples,
+                                   self.preprocess.image_size) if self.config.image_cache else None)
+            self._extract(samples, paths, fp, f"{category}/{split}", cache)
             done[split] = {"stale": "rebuilt", "complete": "overwritten"}.get(status, "built")
         return done
 
     def _extract(self, samples: Sequence[Sample], paths: BankPaths, fp: dict[str, Any],
-                 desc: str) -> None:
-        workers = self.config.num_workers if self.config.num_workers is not None else \
-            default_workers()
-        loader = DataLoader(
-            ImageDataset(samples, self.transform), batch_size=self.config.batch_size,
-            num_workers=workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=False, prefetch_factor=4 if workers else None,
-        )
+                 desc: str, cache: ImageCache | None = None) -> None:
+        """Write one bank; pixels come from ``cache`` when it holds them, else from the images
+        (decoded in DataLoader workers), filling ``cache`` on the way."""
+        pixels = cache.load() if cache is not None else None
         threads = torch.get_num_threads()
-        try:
-            # Fork the workers while torch's OpenMP pool is single-threaded: forking a process
-            # whose pool has several threads can deadlock the workers (GNU OpenMP).
-            torch.set_num_threads(1)
-            batches = iter(tqdm(loader, desc=desc, unit="batch", leave=False))
-            torch.set_num_threads(threads)
-            with BankWriter(paths, len(samples), self.info.grid, self.info.channels) as writer:
-                _features(self.model, batches, self.device, writer)
-                writer.commit(metadata(samples), fp)
-        finally:
-            torch.set_num_threads(threads)
+        with ExitStack() as stack:
+            stack.callback(torch.set_num_threads, threads)
+            filling = None
+            if pixels is not None:
+                log.info("%s: resized images read from the cache %s", desc, cache.npy)
+                batches = _cached_batches(pixels, self.config.batch_size)
+                total = -(-len(samples) // self.config.batch_size)
+            else:
+                if cache is not None:
+                    filling = stack.enter_context(cache.writer())
+                workers = self.config.num_workers if self.config.num_workers is not None else \
+                    default_workers()
+                loader = DataLoader(
+                    ImageDataset(samples, self.preprocess.resize),
+                    batch_size=self.config.batch_size, num_workers=workers,
+                    pin_memory=self.device.type == "cuda", persistent_workers=False,
+                    prefetch_factor=4 if workers else None,
+                )
+                total = len(loader)
+                # Fork the workers while torch's OpenMP pool is single-threaded: forking a
+                # process whose pool has several threads can deadlock the workers (GNU OpenMP).
+                torch.set_num_threads(1)
+                batches = iter(loader)
+                torch.set_num_threads(threads)
+            writer = stack.enter_context(
+                BankWriter(paths, len(samples), self.info.grid, self.info.channels))
+            _features(self.model, self.preprocess,
+                      iter(tqdm(batches, total=total, desc=desc, unit="batch", leave=False)),
+                      self.device, writer, filling)
+            if filling is not None:
+                filling.commit()
+            writer.commit(metadata(samples), fp)
         log.info("%s: wrote %d grids %s x %d", paths.npz, len(samples), self.info.grid,
                  self.info.channels)
 

@@ -68,6 +68,7 @@ def run_pipeline(
     figures: bool = True,
     eval_size: int | None = None,
     batch_size: int = 16,
+    image_cache: bool = True,
 ) -> pd.DataFrame:
     """Run every stage for every backbone x method; returns (and writes) the leaderboard.
 
@@ -78,7 +79,7 @@ def run_pipeline(
     log.info("dataset %s: categories %s", root, ", ".join(categories))
     for backbone in backbones:
         config = ExtractConfig(backbone=backbone, weights=weights, image_size=image_size,
-                               device=device, batch_size=batch_size)
+                               device=device, batch_size=batch_size, image_cache=image_cache)
         used = extract_with_fallback(root, categories, config, banks_dir, overwrite)
         log.info("%s: banks ready (weights: %s)", backbone, used)
         for method in methods:

@@ -1,0 +1,140 @@
+"""Decoded-image cache: resized 8-bit pixels shared by every backbone that uses one image size.
+
+Decoding a 900x900 PNG costs more CPU than a light CNN's forward pass, so the extract stage
+stores the resized pixels of each split once and later extractions (another backbone, other
+layers, another normalisation) read them instead of the PNGs:
+
+- ``<cache_dir>/<category>/<split>-<size>px.npy`` — (N, S, S, 3) uint8 RGB, bilinear antialiased
+  resize of each image without crop, in the bank's row order;
+- ``<cache_dir>/<category>/<split>-<size>px.json`` — the key: image size, resize method, format,
+  the images' relative paths in order and a hash of their sizes and mtimes.
+
+The JSON is written last and both files go through a temporary name and a rename, so a killed
+run leaves no cache that looks complete; a cache whose key differs is rebuilt, never reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from patchbank.banks import sweep_temporaries
+from patchbank.data import Sample, files_hash, relative_path
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+RESIZE = "PIL bilinear antialias, no crop"
+
+
+def cache_key(samples: Sequence[Sample], root: Path, image_size: int) -> dict[str, Any]:
+    """Everything that changes the cached pixels of one split."""
+    return {
+        "format": CACHE_FORMAT,
+        "image_size": int(image_size),
+        "resize": RESIZE,
+        "paths": [relative_path(s.path, root) for s in samples],
+        "files_hash": files_hash(samples, root, masks=False),
+    }
+
+
+@dataclass(frozen=True)
+class ImageCache:
+    """The cached pixels of one split at one image size, and the key they must match."""
+
+    npy: Path
+    json: Path
+    key: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, cache_dir: Path, root: Path, samples: Sequence[Sample], image_size: int
+           ) -> ImageCache:
+        """The cache for ``samples`` (one category and split, in bank order) under ``cache_dir``."""
+        first = samples[0]
+        stem = Path(cache_dir) / first.category / f"{first.split}-{int(image_size)}px"
+        return cls(stem.with_suffix(".npy"), stem.with_suffix(".json"),
+                   cache_key(samples, root, image_size))
+
+    def load(self) -> np.ndarray | None:
+        """The pixels (memory-mapped) if a complete cache with this key exists, else None."""
+        key = self.key
+        if not self.json.is_file():
+            return None
+        try:
+            found = json.loads(self.json.read_text())
+            pixels = np.load(self.npy, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            log.warning("%s: unreadable image cache (%s), rebuilding", self.npy, err)
+            return None
+        size = int(key["image_size"])
+        if found != json.loads(json.dumps(dict(key))):
+            log.info("%s: image cache is stale (dataset or settings changed), rebuilding",
+                     self.npy)
+            return None
+        if pixels.dtype != np.uint8 or pixels.shape != (len(key["paths"]), size, size, 3):
+            log.warning("%s: image cache has shape %s, rebuilding", self.npy, pixels.shape)
+            return None
+        return pixels
+
+    def writer(self) -> CacheWriter:
+        """A writer that fills this cache; see :class:`CacheWriter`."""
+        return CacheWriter(self)
+
+
+class CacheWriter:
+    """Fill a cache batch by batch through a memory-mapped temporary file; see :meth:`commit`."""
+
+    def __init__(self, cache: ImageCache) -> None:
+        self.cache = cache
+        n, image_size = len(cache.key["paths"]), int(cache.key["image_size"])
+        cache.npy.parent.mkdir(parents=True, exist_ok=True)
+        sweep_temporaries(cache.npy.parent, f".{cache.npy.stem}.*.npy")
+        self._tmp = cache.npy.with_name(f".{cache.npy.stem}.{os.getpid()}.npy")
+        self._pixels = np.lib.format.open_memmap(
+            self._tmp, mode="w+", dtype=np.uint8, shape=(n, image_size, image_size, 3)
+        )
+        self._filled = np.zeros(n, dtype=bool)
+
+    def write(self, indices: np.ndarray, pixels: np.ndarray) -> None:
+        """Store (B, S, S, 3) uint8 pixels of the images at ``indices``."""
+        self._pixels[indices] = pixels
+        self._filled[indices] = True
+
+    def commit(self) -> None:
+        """Publish the cache (pixels first, key last); incomplete writers publish nothing."""
+        if not self._filled.all():
+            self.close()
+            return
+        self._pixels.flush()
+        del self._pixels
+        tmp_json = self.cache.json.with_name(f".{self.cache.json.name}.{os.getpid()}.tmp")
+        try:
+            tmp_json.write_text(json.dumps(dict(self.cache.key)))
+            self.cache.json.unlink(missing_ok=True)
+            os.replace(self._tmp, self.cache.npy)
+            os.replace(tmp_json, self.cache.json)
+        except OSError as err:  # the cache only saves time: never fail the extraction over it
+            log.warning("%s: could not write the image cache (%s)", self.cache.npy, err)
+            tmp_json.unlink(missing_ok=True)
+            self.close()
+            return
+        log.info("%s: cached %d resized images", self.cache.npy, len(self._filled))
+
+    def close(self) -> None:
+        """Drop the temporary file (safe to call twice)."""
+        if hasattr(self, "_pixels"):
+            del self._pixels
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
