@@ -102,6 +102,10 @@ def test_every_registry_backbone_grid_and_channels(name: str) -> None:
     assert info.weights_id == "random:seed0" and info.image_size == size
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert torch.isfinite(out).all() and out.std() > 0
+    # extraction feeds channels_last batches (faster on CPU); features must not change
+    with torch.no_grad():
+        nhwc = model(_images(size).contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(nhwc, out, rtol=1e-4, atol=1e-4)
 
 
 def test_random_builds_are_deterministic() -> None:

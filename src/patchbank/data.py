@@ -397,11 +397,13 @@ class Preprocess:
         return torch.from_numpy(np.array(img.resize(size, Image.Resampling.BILINEAR)))
 
     def batch(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, S, S, 3) uint8 -> (B, 3, s, s) float32 normalised (s = crop or S)."""
+        """(B, S, S, 3) uint8 -> (B, 3, s, s) float32 normalised (s = crop or S), channels_last."""
         x = pixels.permute(0, 3, 1, 2)
         if self.crop is not None:
             x = v2.functional.center_crop(x, [self.crop, self.crop])
-        x = x.float().div_(255.0)
+        # channels_last (what the permuted HWC pixels already are): CNN forwards run ~1.6x
+        # faster on CPU with it than with NCHW-contiguous input (measured; README).
+        x = x.contiguous(memory_format=torch.channels_last).float().div_(255.0)
         return v2.functional.normalize(x, [float(m) for m in self.mean],
                                        [float(s) for s in self.std], inplace=True)
 
