@@ -15,7 +15,7 @@ p.add_argument("--category", default="bottle")
 p.add_argument("--backbone", default=",".join(REGISTRY), help="comma list")
 p.add_argument("--n-images", type=int, default=64)
 p.add_argument("--batch-size", type=int, default=16)
-p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (medians)")
+p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (best of)")
 args = p.parse_args()
 logging.basicConfig(level=logging.WARNING)
 rows = []

@@ -302,7 +302,7 @@ def test_load_mask_modes(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- transforms
 
 
-def test_make_transform_shape_and_normalisation() -> None:
+def test_preprocess_shape_and_normalisation() -> None:
     img = Image.new("RGB", (50, 30), (128, 64, 255))  # non-square: no crop, stretched
     x = Preprocess(32, MEAN, STD)(img)
     assert type(x) is torch.Tensor and x.dtype == torch.float32 and x.shape == (3, 32, 32)
@@ -333,7 +333,7 @@ def test_preprocess_equals_the_torchvision_pipeline(crop: int | None) -> None:
     torch.testing.assert_close(batch[0], pre(img))
 
 
-def test_make_transform_keeps_borders() -> None:
+def test_preprocess_keeps_borders() -> None:
     arr = np.zeros((64, 64, 3), dtype=np.uint8)
     arr[:, :4] = 255  # a bright defect touching the left border
     x = Preprocess(32, (0, 0, 0), (1, 1, 1))(Image.fromarray(arr))

@@ -27,7 +27,7 @@ def bench_extract(data_root: Path, category: str, backbone: str, n_images: int =
     Warm: the resized pixels read from that cache, as for every backbone after the first.
     Both write a new bank. The bare forward gets the same batches already decoded, resized and
     normalised, with the same torch thread count; nothing else is timed there. The three are
-    interleaved ``repeats`` times and the medians reported (this machine's timings are noisy).
+    interleaved ``repeats`` times and the best of each reported (timings here are noisy).
     """
     samples = discover(data_root, category, "train")[:n_images]
     ext = Extractor(ExtractConfig(backbone, weights=weights, batch_size=batch_size))
@@ -53,7 +53,7 @@ def bench_extract(data_root: Path, category: str, backbone: str, n_images: int =
                     ext.model(x)
                 times["bare"].append(time.perf_counter() - t0)
     n = len(samples)
-    cold, warm, bare = (float(np.median(times[k])) for k in ("cold", "warm", "bare"))
+    cold, warm, bare = (min(times[k]) for k in ("cold", "warm", "bare"))
     return {"backbone": backbone, "images": n, "cold_ips": n / cold, "warm_ips": n / warm,
             "bare_ips": n / bare, "cold_ratio": bare / cold, "warm_ratio": bare / warm,
             "workers": default_workers(), "threads": torch.get_num_threads()}
