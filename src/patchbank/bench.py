@@ -18,7 +18,7 @@ from patchbank.imagecache import ImageCache
 log = logging.getLogger(__name__)
 
 
-def bench_extract(data_root: Path, category: str, backbone: str, n_images: int = 160,
+def bench_extract(data_root: Path, category: str, backbone: str, n_images: int = 64,
                   batch_size: int = 16, weights: str = "random",
                   repeats: int = 3) -> dict[str, float]:
     """Images/s of the whole extract stage, cold and warm, and of the bare forward.

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
-import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, nullcontext
@@ -99,42 +97,13 @@ def metadata(samples: Sequence[Sample]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=META_COLUMNS)
 
 
-class ThreadTrial:
-    """Pick torch's thread count while decoding workers share the CPU with the model.
-
-    Batches 1-3 run with torch's threads, batches 4-6 with ``fewer``; the faster setting is kept
-    for the rest (batch 0 includes worker start-up). Light CNNs decode-bound on a small CPU run
-    faster when the decoders get their own cores (Lite0 on two cores: +24 %); heavy models need
-    every thread (WideResNet50: -27 % with one) and keep them.
-    """
-
-    def __init__(self, fewer: int) -> None:
-        self.fewer = fewer
-        self.start = torch.get_num_threads()
-        self.seconds = [0.0, 0.0]  # batches 1-3, batches 4-6
-
-    def step(self, batch: int, seconds: float) -> None:
-        """Record the wall time of batch number ``batch`` and switch threads when due."""
-        if self.fewer >= self.start or not 1 <= batch <= 6:
-            return
-        self.seconds[batch > 3] += seconds
-        if batch == 3:
-            torch.set_num_threads(self.fewer)
-        elif batch == 6:
-            keep = self.fewer if self.seconds[1] < self.seconds[0] else self.start
-            torch.set_num_threads(keep)
-            log.info("torch threads: %d (3 batches took %.2f s with %d threads, %.2f s with %d)",
-                     keep, self.seconds[0], self.start, self.seconds[1], self.fewer)
-
-
 def _features(model: FeatureExtractor, preprocess: Preprocess, batches: Iterator,
-              device: torch.device, writer: BankWriter, cache: CacheWriter | None,
-              trial: ThreadTrial | None = None) -> None:
+              device: torch.device, writer: BankWriter, cache: CacheWriter | None) -> None:
     """Run the model over ``batches`` of (uint8 pixels, indices) and stream the grids to disk.
 
     Saving runs on one background thread while the next batch goes through the model (large
     banks are disk-bound: resnet18's 56x56x448 grids are 2.8 MB per image); at most one batch
-    waits, so memory does not grow with the dataset. ``trial`` tunes the CPU thread count.
+    waits, so memory does not grow with the dataset.
     """
     amp = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext())
 
@@ -145,8 +114,7 @@ def _features(model: FeatureExtractor, preprocess: Preprocess, batches: Iterator
 
     saving: Future | None = None
     with torch.inference_mode(), ThreadPoolExecutor(1, "patchbank-save") as pool:
-        for n in itertools.count():
-            started = time.perf_counter()
+        while True:
             try:
                 pixels, idx = next(batches)
             except StopIteration:
@@ -164,8 +132,6 @@ def _features(model: FeatureExtractor, preprocess: Preprocess, batches: Iterator
             if saving is not None:
                 saving.result()
             saving = pool.submit(save, idx.numpy(), pixels.numpy(), feats)
-            if trial is not None:
-                trial.step(n, time.perf_counter() - started)
         if saving is not None:
             saving.result()
 
@@ -232,7 +198,7 @@ class Extractor:
         threads = torch.get_num_threads()
         with ExitStack() as stack:
             stack.callback(torch.set_num_threads, threads)
-            filling, trial = None, None
+            filling = None
             if pixels is not None:
                 log.info("%s: resized images read from the cache %s", desc, cache.npy)
                 batches = _cached_batches(pixels, self.config.batch_size)
@@ -249,8 +215,6 @@ class Extractor:
                     prefetch_factor=4 if workers else None,
                 )
                 total = len(loader)
-                if self.device.type == "cpu" and workers:
-                    trial = ThreadTrial(fewer=max(1, (os.cpu_count() or 2) - workers))
                 # Fork the workers while torch's OpenMP pool is single-threaded: forking a
                 # process whose pool has several threads can deadlock the workers (GNU OpenMP).
                 torch.set_num_threads(1)
@@ -260,7 +224,7 @@ class Extractor:
                 BankWriter(paths, len(samples), self.info.grid, self.info.channels))
             _features(self.model, self.preprocess,
                       iter(tqdm(batches, total=total, desc=desc, unit="batch", leave=False)),
-                      self.device, writer, filling, trial)
+                      self.device, writer, filling)
             if filling is not None:
                 filling.commit()
             writer.commit(metadata(samples), fp)
