@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from patchbank.banks import sweep_temporaries
+from patchbank.banks import fingerprint_diff, sweep_temporaries
 from patchbank.data import Sample, files_hash, relative_path
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class ImageCache:
             log.warning("%s: unreadable image cache (%s), rebuilding", self.npy, err)
             return None
         size = int(key["image_size"])
-        if found != json.loads(json.dumps(dict(key))):
+        if fingerprint_diff(found, key):
             log.info("%s: image cache is stale (dataset or settings changed), rebuilding",
                      self.npy)
             return None
