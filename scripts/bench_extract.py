@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from patchbank.backbones import REGISTRY
 from patchbank.bench import bench_extract
+from patchbank.features.registry import REGISTRY
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--data-root", type=Path, default=Path("../shared/data/mvtec_ad"))

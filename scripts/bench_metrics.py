@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from patchbank.bench import bench_evaluate, bench_metrics
-from patchbank.errors import ScoresError
+from patchbank.core.errors import ScoresError
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--data-root", type=Path, default=Path("../shared/data/mvtec_ad"))

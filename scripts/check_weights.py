@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 from timm.data import ImageNetInfo
 
-from patchbank.backbones import NORMALIZATIONS, build_classifier
-from patchbank.errors import PatchbankError
+from patchbank.core.errors import PatchbankError
+from patchbank.features.extractors import build_classifier
+from patchbank.features.registry import NORMALIZATIONS
 
 BOTTLE_CLASSES = (440, 720, 737, 898, 901, 907)  # beer/pill/pop/water bottle, whiskey jug, wine
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_ad"

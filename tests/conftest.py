@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from patchbank.banks import META_COLUMNS, BankPaths, BankWriter
+from patchbank.store.banks import META_COLUMNS, BankPaths, BankWriter
 
 REAL_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_ad"
 

@@ -13,18 +13,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from patchbank.backbones import (
-    REGISTRY,
+from patchbank.core.device import resolve_device
+from patchbank.core.errors import PatchbankError, WeightsError
+from patchbank.features.extractors import (
     ExtractorInfo,
     FeatureExtractor,
     build_classifier,
     build_extractor,
-    get_spec,
-    lite_weights_path,
-    map_lite_state_dict,
-    resolve_device,
 )
-from patchbank.errors import PatchbankError, WeightsError
+from patchbank.features.registry import REGISTRY, get_spec
+from patchbank.features.weights import lite_weights_path, map_lite_state_dict
 
 # name -> (image size used here, expected grid side, expected channels) for the default layers.
 EXPECTED = {

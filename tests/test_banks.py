@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from patchbank.banks import (
+from patchbank.core.errors import BankError
+from patchbank.store.banks import (
     META_COLUMNS,
     BankPaths,
     BankWriter,
@@ -22,7 +23,6 @@ from patchbank.banks import (
     load_bank,
     load_pair,
 )
-from patchbank.errors import BankError
 
 FP = {"backbone": "toy", "weights": "random:seed0", "layers": [2, 3], "image_size": 64,
       "crop": None, "grid": [4, 4], "channels": 8, "dtype": "float16"}
@@ -88,7 +88,7 @@ def test_killed_run_leaves_no_half_written_bank(tmp_path: Path) -> None:
     before = old.npz.read_bytes()
     script = textwrap.dedent(f"""
         import os, signal, numpy as np
-        from patchbank.banks import BankPaths, BankWriter
+        from patchbank.store.banks import BankPaths, BankWriter
         paths = BankPaths.of({str(tmp_path)!r}, "toy", "cat", "train")
         w = BankWriter(paths, 3, (4, 4), 8)
         w.write(np.array([0]), np.zeros((1, 4, 4, 8)))

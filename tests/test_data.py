@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from patchbank.data import (
+from patchbank.core.errors import DatasetError
+from patchbank.data.demo import make_demo_dataset
+from patchbank.data.mvtec import (
     ImageDataset,
-    Preprocess,
     Sample,
     discover,
     files_hash,
@@ -25,8 +26,7 @@ from patchbank.data import (
     load_mask,
     resolve_categories,
 )
-from patchbank.demo import make_demo_dataset
-from patchbank.errors import DatasetError
+from patchbank.features.preprocess import Preprocess
 
 N_TRAIN, N_GOOD, N_DEFECT, SIZE = 5, 3, 2, 64
 REAL_ROOT = Path(__file__).resolve().parents[1].parent / "shared/data/mvtec_ad"

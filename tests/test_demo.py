@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchbank import demo
-from patchbank.data import discover, list_categories
+from patchbank.data import demo
+from patchbank.data.mvtec import discover, list_categories
 
 SMALL = {"size": 64, "n_train": 3, "n_test_good": 2, "n_test_defect": 2}
 

@@ -10,8 +10,8 @@ import pytest
 from conftest import write_toy_banks
 from PIL import Image
 
-from patchbank.errors import DatasetError
-from patchbank.evaluate import (
+from patchbank.core.errors import DatasetError
+from patchbank.stages.evaluate import (
     METRIC_COLUMNS,
     crop_box,
     eval_shape,
@@ -19,8 +19,8 @@ from patchbank.evaluate import (
     leaderboard,
     reroot,
 )
-from patchbank.results import SCORE_COLUMNS, RunPaths, load_run, write_run
-from patchbank.score import score_category
+from patchbank.stages.score import score_category
+from patchbank.store.runs import SCORE_COLUMNS, RunPaths, load_run, write_run
 
 
 def write_masks(root: Path, blocks: dict, size: int = 48) -> None:
@@ -115,7 +115,7 @@ def test_reroot(tmp_path: Path) -> None:
 
 
 def test_load_run_of_missing_run_says_what_to_run(tmp_path: Path) -> None:
-    from patchbank.errors import ScoresError
+    from patchbank.core.errors import ScoresError
 
     with pytest.raises(ScoresError, match="scripts/score.py --backbone toy --method knn"):
         load_run(RunPaths.of(tmp_path, "toy", "knn", "widget"))

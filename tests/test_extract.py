@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from patchbank.banks import BankPaths, load_bank, load_pair
-from patchbank.data import discover
-from patchbank.demo import make_demo_dataset
-from patchbank.errors import DatasetError
-from patchbank.extract import ExtractConfig, Extractor, extract
+from patchbank.core.errors import DatasetError
+from patchbank.data.demo import make_demo_dataset
+from patchbank.data.mvtec import discover
+from patchbank.stages.extract import ExtractConfig, Extractor, extract
+from patchbank.store.banks import BankPaths, load_bank, load_pair
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ExtractConfig("efficientnet_lite0", weights="random", image_size=64, batch_size=4,
@@ -50,7 +50,7 @@ def test_features_match_a_direct_forward(demo: Path, tmp_path: Path) -> None:
     """The bank holds the backbone's output for each image, in metadata order."""
     import torch
 
-    from patchbank.data import ImageDataset
+    from patchbank.data.mvtec import ImageDataset
 
     ext = Extractor(SMALL)
     ext.run(demo, "demo_texture", tmp_path)
@@ -87,8 +87,8 @@ def test_killed_run_keeps_finished_banks_and_resumes(demo: Path, tmp_path: Path)
     script = textwrap.dedent(f"""
         import os, signal
         from pathlib import Path
-        from patchbank import banks
-        from patchbank.extract import ExtractConfig, extract
+        from patchbank.store import banks
+        from patchbank.stages.extract import ExtractConfig, extract
         commit = banks.BankWriter.commit
         def killing_commit(self, meta, fp):
             if fp["split"] == "test":

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from patchbank.data import discover, load_mask
-from patchbank.demo import make_demo_dataset
-from patchbank.figures import (
+from patchbank.data.demo import make_demo_dataset
+from patchbank.data.mvtec import discover, load_mask
+from patchbank.evaluation.figures import (
     heatmap_triplet,
     load_example,
     map_range,
@@ -22,7 +22,7 @@ from patchbank.figures import (
     score_histogram,
     write_category_figures,
 )
-from patchbank.results import SCORE_COLUMNS, ScoreRun
+from patchbank.store.runs import SCORE_COLUMNS, ScoreRun
 
 GRID = 8
 
@@ -199,7 +199,7 @@ def test_write_category_figures_image_level_and_moved_images(
     rerooted = write_category_figures(moved, "demo_texture", tmp_path / "re", n_random=1,
                                       data_root=demo_root)
     assert {p.name for p in rerooted} == expected_names(moved, "demo_texture", picks)
-    with caplog.at_level(logging.WARNING, logger="patchbank.figures"):
+    with caplog.at_level(logging.WARNING, logger="patchbank.evaluation.figures"):
         lost = write_category_figures(moved, "demo_texture", tmp_path / "lost", n_random=1)
     assert sorted(p.name for p in lost) == ["demo_texture_hist.png", "demo_texture_roc_pr.png"]
     skipped = [r for r in caplog.records if "triplet skipped" in r.getMessage()]

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import patchbank.data
-from patchbank.banks import load_bank
-from patchbank.data import Preprocess, discover, load_image
-from patchbank.demo import make_demo_dataset
-from patchbank.extract import IMAGE_CACHE_DIR, ExtractConfig, Extractor
-from patchbank.imagecache import ImageCache
+import patchbank.data.mvtec
+from patchbank.data.demo import make_demo_dataset
+from patchbank.data.mvtec import discover, load_image
+from patchbank.features.preprocess import Preprocess
+from patchbank.stages.extract import IMAGE_CACHE_DIR, ExtractConfig, Extractor
+from patchbank.store.banks import load_bank
+from patchbank.store.imagecache import ImageCache
 
 SMALL = ExtractConfig("efficientnet_lite0", weights="random", image_size=64, batch_size=4,
                       num_workers=1)
@@ -36,7 +37,7 @@ def _no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(path: Path) -> None:
         raise AssertionError(f"decoded {path} although its pixels are cached")
 
-    monkeypatch.setattr(patchbank.data, "load_image", refuse)
+    monkeypatch.setattr(patchbank.data.mvtec, "load_image", refuse)
 
 
 def test_cache_holds_the_resized_images_in_bank_order(demo: Path, tmp_path: Path) -> None:
@@ -66,7 +67,7 @@ def test_second_backbone_reads_the_cache_and_gets_identical_banks(
     cached = tmp_path / "cached"
     Extractor(replace(SMALL, backbone="resnet18")).run(demo, CATEGORY, cached)  # fills it
     _no_decoding(monkeypatch)
-    with caplog.at_level("INFO", logger="patchbank.extract"):
+    with caplog.at_level("INFO", logger="patchbank.stages.extract"):
         done = Extractor(SMALL).run(demo, CATEGORY, cached)
     assert done == {"train": "built", "test": "built"}
     assert caplog.text.count("read from the cache") == 2
@@ -97,7 +98,7 @@ def test_changed_image_or_size_is_not_served_from_the_cache(demo: Path, tmp_path
     from PIL import Image
 
     Image.fromarray(arr).save(img)
-    with caplog.at_level("INFO", logger="patchbank.imagecache"):
+    with caplog.at_level("INFO", logger="patchbank.store.imagecache"):
         assert Extractor(SMALL).run(demo, CATEGORY, tmp_path)["train"] == "rebuilt"
     assert "image cache is stale" in caplog.text
     pixels = _cache(demo, tmp_path).load()
@@ -130,7 +131,7 @@ def test_unfinished_or_corrupt_cache_is_never_used(demo: Path, tmp_path: Path, c
     assert not dead.exists() and cache.load() is not None
 
     cache.npy.write_bytes(cache.npy.read_bytes()[:1000])  # truncated
-    with caplog.at_level("WARNING", logger="patchbank.imagecache"):
+    with caplog.at_level("WARNING", logger="patchbank.store.imagecache"):
         assert cache.load() is None
         Extractor(SMALL).run(demo, CATEGORY, tmp_path, overwrite=True)
     assert "unreadable image cache" in caplog.text

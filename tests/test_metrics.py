@@ -1,4 +1,4 @@
-"""Tests for patchbank.metrics: exactness against slow references and scikit-learn."""
+"""Tests for patchbank.evaluation.metrics: exactness against slow references and scikit-learn."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from patchbank import metrics
-from patchbank.errors import ScoresError
+from patchbank.core.errors import ScoresError
+from patchbank.evaluation import metrics
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data/mvtec_ad"
 

@@ -52,8 +52,8 @@ def outputs_of(cell) -> tuple[str, int]:
 
 
 def test_notebook_executes_on_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from patchbank.demo import make_demo_dataset
-    from patchbank.pipeline import run_pipeline
+    from patchbank.data.demo import make_demo_dataset
+    from patchbank.stages.pipeline import run_pipeline
 
     data = make_demo_dataset(tmp_path / "demo", size=128, n_train=10, n_test_good=4,
                              n_test_defect=2)

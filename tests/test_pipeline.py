@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from patchbank.demo import make_demo_dataset
-from patchbank.pipeline import method_params, run_pipeline
+from patchbank.data.demo import make_demo_dataset
+from patchbank.stages.pipeline import method_params, run_pipeline
 
 
 def test_weights_auto_falls_back_to_untrained_and_says_so(tmp_path: Path, monkeypatch,

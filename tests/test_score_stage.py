@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from conftest import write_toy_banks
 
-from patchbank.errors import BankError, PatchbankError
-from patchbank.results import RunPaths, load_run
-from patchbank.score import holdout_split, score_category
+from patchbank.core.errors import BankError, PatchbankError
+from patchbank.stages.score import holdout_split, score_category
+from patchbank.store.runs import RunPaths, load_run
 
 
 def test_patchcore_run_written_and_read_back(tmp_path: Path) -> None:
@@ -84,7 +84,7 @@ def test_scoring_needs_no_images_and_no_backbone_packages(tmp_path: Path) -> Non
         for mod in ("timm", "transformers", "torchvision", "PIL"):
             sys.modules[mod] = None  # any import of these now fails
         from pathlib import Path
-        from patchbank.score import score_category
+        from patchbank.stages.score import score_category
         for m in ("knn", "padim", "patchcore", "spade", "mahalanobis", "iforest"):
             score_category(Path({str(tmp_path / 'banks')!r}), Path({str(tmp_path / 's')!r}),
                            "toy", m, "widget")

@@ -14,18 +14,13 @@ from scipy.spatial.distance import cdist
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from sklearn.metrics import roc_auc_score
 
-from patchbank.errors import BankError, PatchbankError
+from patchbank.core.errors import BankError, PatchbankError
 from patchbank.scorers import SCORERS, make_scorer
 from patchbank.scorers.base import coerce_param
+from patchbank.scorers.coreset import coreset_indices, greedy_kcenter
 from patchbank.scorers.neighbors import FlatIndex, knn
 from patchbank.scorers.padim import GaussianAccumulator, PaDiMScorer, default_d
-from patchbank.scorers.patchcore import (
-    PatchCoreScorer,
-    aggregate,
-    coreset_indices,
-    greedy_kcenter,
-    reweight,
-)
+from patchbank.scorers.patchcore import PatchCoreScorer, aggregate, reweight
 
 # ---------------------------------------------------------------- synthetic banks
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from patchbank.banks import BankPaths
-from patchbank.data import discover
-from patchbank.extract import ExtractConfig, Extractor, default_workers, fingerprint
-from patchbank.imagecache import ImageCache
+from patchbank.data.mvtec import discover
+from patchbank.stages.extract import ExtractConfig, Extractor, default_workers, fingerprint
+from patchbank.store.banks import BankPaths
+from patchbank.store.imagecache import ImageCache
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ def bench_extract(data_root: Path, category: str, backbone: str, n_images: int =
 def bench_score(banks_dir: Path, backbone: str, category: str,
                 methods: list[str]) -> list[dict[str, float]]:
     """Fit and score seconds of each method on one category's banks (one fit, no hold-out)."""
-    from patchbank.banks import load_pair
     from patchbank.scorers import make_scorer
+    from patchbank.store.banks import load_pair
 
     train, test = load_pair(banks_dir, backbone, category)
     rows = []
@@ -89,8 +89,8 @@ def fit_peak_memory(banks_dir: Path, backbone: str, category: str, method: str,
     """
     import tracemalloc
 
-    from patchbank.banks import load_bank
     from patchbank.scorers import make_scorer
+    from patchbank.store.banks import load_bank
 
     train = load_bank(banks_dir, backbone, category, "train").features
     bank = np.concatenate([train] * copies)
@@ -116,7 +116,7 @@ def synthetic_maps(category_root: Path, seed: int = 0) -> tuple[list, list, list
     """(masks, maps, labels) for a category's test images: maps are blurred noisy masks."""
     from scipy import ndimage
 
-    from patchbank.data import load_mask
+    from patchbank.data.mvtec import load_mask
 
     rng = np.random.default_rng(seed)
     masks, maps, labels = [], [], []
@@ -138,7 +138,7 @@ def synthetic_maps(category_root: Path, seed: int = 0) -> tuple[list, list, list
 def bench_metrics(category_root: Path, copies: int = 1, seed: int = 0) -> dict[str, float]:
     """Seconds and peak memory of all image and pixel metrics on synthetic full-size maps."""
 
-    from patchbank import metrics
+    from patchbank.evaluation import metrics
 
     masks, maps, labels = synthetic_maps(category_root, seed)
     scores = np.array([m.max() for m in maps])
@@ -158,9 +158,9 @@ def bench_metrics(category_root: Path, copies: int = 1, seed: int = 0) -> dict[s
 def bench_evaluate(scores_dir: Path, backbone: str, method: str, category: str,
                    data_root: Path | None = None) -> dict[str, float]:
     """The evaluate stage on a real run: masks + map upsampling/smoothing, then metrics."""
-    from patchbank import metrics
-    from patchbank.evaluate import masks_and_maps
-    from patchbank.results import RunPaths, load_run
+    from patchbank.evaluation import metrics
+    from patchbank.stages.evaluate import masks_and_maps
+    from patchbank.store.runs import RunPaths, load_run
 
     run = load_run(RunPaths.of(scores_dir, backbone, method, category))
     before = peak_rss_mib()

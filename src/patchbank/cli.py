@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from patchbank.errors import PatchbankError
+from patchbank.core.errors import PatchbankError
 
 log = logging.getLogger("patchbank")
 
@@ -49,7 +49,7 @@ def parse_params(items: Sequence[str]) -> dict[str, str]:
 
 
 def _data_root(args: argparse.Namespace) -> Path:
-    from patchbank.demo import ensure_demo_dataset
+    from patchbank.data.demo import ensure_demo_dataset
 
     return args.data_root if args.data_root is not None else ensure_demo_dataset()
 
@@ -76,8 +76,8 @@ def extract_main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers")
 
     def run(args: argparse.Namespace) -> None:
-        from patchbank.data import resolve_categories
-        from patchbank.extract import ExtractConfig, extract
+        from patchbank.data.mvtec import resolve_categories
+        from patchbank.stages.extract import ExtractConfig, extract
 
         root = _data_root(args)
         layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
@@ -105,7 +105,7 @@ def score_main(argv: Sequence[str] | None = None) -> None:
     _scores(p)
 
     def run(args: argparse.Namespace) -> None:
-        from patchbank.score import score_category
+        from patchbank.stages.score import score_category
 
         params = parse_params(args.param)
         cats = _categories(args, Path(args.banks_dir, args.backbone), "test.json",
@@ -130,7 +130,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> None:
     _scores(p)
 
     def run(args: argparse.Namespace) -> None:
-        from patchbank.evaluate import evaluate, leaderboard
+        from patchbank.stages.evaluate import evaluate, leaderboard
 
         cats = _categories(args, Path(args.scores_dir, args.backbone, args.method), "run.json",
                            "scripts/score.py")
@@ -157,8 +157,8 @@ def run_main(argv: Sequence[str] | None = None) -> None:
     p.set_defaults(weights="auto")
 
     def run(args: argparse.Namespace) -> None:
-        from patchbank.evaluate import leaderboard_markdown
-        from patchbank.pipeline import run_pipeline
+        from patchbank.stages.evaluate import leaderboard_markdown
+        from patchbank.stages.pipeline import run_pipeline
 
         board = run_pipeline(
             args.data_root, args.category, args.backbone.split(","), args.method.split(","),

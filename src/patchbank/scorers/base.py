@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from patchbank.device import resolve_device as _resolve_device
-from patchbank.errors import BankError
+from patchbank.core.device import resolve_device as _resolve_device
+from patchbank.core.errors import BankError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -30,7 +30,7 @@ _TYPE_NAMES = {type(None): "None", bool: "bool", int: "int", float: "float", str
 
 
 def resolve_device(device: str) -> str:
-    """:func:`patchbank.device.resolve_device` as a string (what faiss and torch calls take)."""
+    """``core.device.resolve_device`` as a string (what faiss and torch calls take)."""
     return str(_resolve_device(device))
 
 

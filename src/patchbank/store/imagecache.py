@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from patchbank.banks import fingerprint_diff, sweep_temporaries
-from patchbank.data import Sample, files_hash, relative_path
+from patchbank.data.mvtec import Sample, files_hash, relative_path
+from patchbank.store.banks import fingerprint_diff, sweep_temporaries
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from patchbank import metrics
-from patchbank.data import load_mask
-from patchbank.errors import ScoresError
-from patchbank.maps import eval_sigma, upsample_map
-from patchbank.results import RunPaths, ScoreRun, load_run
+from patchbank.core.errors import ScoresError
+from patchbank.data.mvtec import load_mask
+from patchbank.evaluation import metrics
+from patchbank.evaluation.geometry import eval_sigma, upsample_map
+from patchbank.store.runs import RunPaths, ScoreRun, load_run
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def evaluate(scores_dir: Path, backbone: str, method: str, categories: Sequence[
                  category, row["image_auroc"], row["pixel_auroc"], row["pro"])
         rows.append(row)
         if figures:
-            from patchbank.figures import write_category_figures
+            from patchbank.evaluation.figures import write_category_figures
 
             write_category_figures(run, category, Path(scores_dir, backbone, method, "figures"),
                                    data_root=data_root)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from patchbank.errors import ScoresError
+from patchbank.core.errors import ScoresError
 
 SCORE_COLUMNS = ["path", "defect_type", "label", "score", "mask_path", "height", "width"]
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-GENERATOR = "patchbank.demo"
+GENERATOR = "patchbank.data.demo"
 GENERATOR_VERSION = 1
 MANIFEST = "demo.json"
 CATEGORIES: tuple[str, ...] = ("demo_object", "demo_texture")

@@ -28,9 +28,9 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from patchbank.errors import DatasetError
-from patchbank.maps import eval_sigma, upsample_map
-from patchbank.results import ScoreRun
+from patchbank.core.errors import DatasetError
+from patchbank.evaluation.geometry import eval_sigma, upsample_map
+from patchbank.store.runs import ScoreRun
 
 log = logging.getLogger(__name__)
 
@@ -250,8 +250,8 @@ def load_example(run: ScoreRun, index: int, category: str, max_side: int = 512,
     scaled to it. Raises :class:`DatasetError` when the image cannot be read; a missing or
     mismatched mask is logged and drawn as None.
     """
-    from patchbank.data import load_image, load_mask  # stage modules import figures lazily
-    from patchbank.evaluate import crop_box, eval_shape, reroot
+    from patchbank.data.mvtec import load_image, load_mask  # stage modules import figures lazily
+    from patchbank.stages.evaluate import crop_box, eval_shape, reroot
 
     if run.maps is None:
         raise ValueError("run has no anomaly maps (image-level method)")
@@ -291,7 +291,7 @@ def write_category_figures(run: ScoreRun, category: str, out_dir: Path, max_side
     :func:`pick_examples`. Image paths are re-rooted under ``data_root`` when the dataset moved;
     an image that cannot be read is skipped with a warning.
     """
-    from patchbank import metrics  # stage modules import figures lazily
+    from patchbank.evaluation import metrics  # stage modules import figures lazily
 
     out_dir = Path(out_dir)
     df = run.scores

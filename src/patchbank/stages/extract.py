@@ -1,4 +1,4 @@
-"""Extract stage: images -> cached feature banks (see :mod:`patchbank.banks` for the format)."""
+"""Extract stage: images -> cached feature banks (format: :mod:`patchbank.store.banks`)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,19 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from patchbank import __version__
-from patchbank.backbones import ExtractorInfo, FeatureExtractor, build_extractor, get_spec
-from patchbank.banks import (
+from patchbank.core.device import resolve_device
+from patchbank.core.errors import DatasetError, PatchbankError
+from patchbank.data.mvtec import (
+    ImageDataset,
+    Sample,
+    discover,
+    files_hash,
+    header_size,
+)
+from patchbank.features.extractors import ExtractorInfo, FeatureExtractor, build_extractor
+from patchbank.features.preprocess import Preprocess
+from patchbank.features.registry import get_spec
+from patchbank.store.banks import (
     BANK_FORMAT,
     META_COLUMNS,
     SPLITS,
@@ -29,17 +40,7 @@ from patchbank.banks import (
     fingerprint_diff,
     read_fingerprint,
 )
-from patchbank.data import (
-    ImageDataset,
-    Preprocess,
-    Sample,
-    discover,
-    files_hash,
-    header_size,
-)
-from patchbank.device import resolve_device
-from patchbank.errors import DatasetError, PatchbankError
-from patchbank.imagecache import CacheWriter, ImageCache
+from patchbank.store.imagecache import CacheWriter, ImageCache
 
 log = logging.getLogger(__name__)
 

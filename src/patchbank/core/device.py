@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from patchbank.errors import PatchbankError
+from patchbank.core.errors import PatchbankError
 
 
 def resolve_device(device: str) -> torch.device:

@@ -47,7 +47,7 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 from tqdm.auto import tqdm
 
-from patchbank.errors import ScoresError
+from patchbank.core.errors import ScoresError
 
 log = logging.getLogger(__name__)
 

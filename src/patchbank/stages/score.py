@@ -1,4 +1,4 @@
-"""Score stage: feature banks -> image scores and anomaly maps (see :mod:`patchbank.results`).
+"""Score stage: feature banks -> image scores and anomaly maps (see :mod:`patchbank.store.runs`).
 
 Reads banks only: no images, no backbone. A run is skipped when its ``run.json`` records the
 same method, parameters and bank fingerprints; otherwise it is recomputed.
@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 
 from patchbank import __version__
-from patchbank.banks import Bank, load_pair
-from patchbank.banks import fingerprint_diff as _diff
-from patchbank.errors import PatchbankError
-from patchbank.results import SCORE_COLUMNS, RunPaths, read_run_info, write_run
+from patchbank.core.errors import PatchbankError
 from patchbank.scorers import make_scorer
+from patchbank.store.banks import Bank, load_pair
+from patchbank.store.banks import fingerprint_diff as _diff
+from patchbank.store.runs import SCORE_COLUMNS, RunPaths, read_run_info, write_run
 
 log = logging.getLogger(__name__)
 

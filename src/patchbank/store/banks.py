@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from patchbank.errors import BankError
+from patchbank.core.errors import BankError
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from patchbank.data import resolve_categories
-from patchbank.demo import ensure_demo_dataset
-from patchbank.errors import WeightsError
-from patchbank.evaluate import evaluate, leaderboard
-from patchbank.extract import ExtractConfig, extract
-from patchbank.score import score_category
+from patchbank.core.errors import WeightsError
+from patchbank.data.demo import ensure_demo_dataset
+from patchbank.data.mvtec import resolve_categories
+from patchbank.stages.evaluate import evaluate, leaderboard
+from patchbank.stages.extract import ExtractConfig, extract
+from patchbank.stages.score import score_category
 
 log = logging.getLogger(__name__)
 

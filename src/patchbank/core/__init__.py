@@ -1,0 +1,1 @@
+"""Shared foundations: errors, device choice, atomic writes. Imports nothing else of patchbank."""

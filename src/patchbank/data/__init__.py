@@ -1,0 +1,1 @@
+"""Datasets: the MVTec AD layout (discovery, decoding, masks, hashing) and the demo generator."""

@@ -1,0 +1,1 @@
+"""Metrics (official MVTec protocol), map <-> image geometry, figures."""

@@ -1,0 +1,1 @@
+"""Images -> patch features: backbone registry, weights, extractors, preprocessing."""

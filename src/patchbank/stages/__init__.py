@@ -1,0 +1,1 @@
+"""The pipeline stages: extract, score, evaluate, and the whole job."""

@@ -1,0 +1,1 @@
+"""On-disk formats between stages: feature banks, the decoded-image cache, score runs."""
