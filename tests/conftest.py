@@ -21,9 +21,15 @@ def real_root() -> Path:
     return REAL_ROOT
 
 
-def toy_fingerprint(split: str, n: int, **extra) -> dict:
-    return {"format": 1, "backbone": "toy", "model_id": "toy", "weights": "random:seed0",
-            "layers": [2, 3], "image_size": 32, "crop": None, "grid": [6, 6], "channels": 16,
+TOY_TAG = "s32-l2.3-toy-00000000"
+
+
+def toy_fingerprint(split: str, n: int, shapes=((6, 6, 16),), **extra) -> dict:
+    """A format-2 fingerprint for toy banks of backbone "toy", category "widget"."""
+    layers = list(range(len(shapes)))
+    return {"format": 2, "backbone": "toy", "model_id": "toy", "weights": "random:seed0",
+            "tag": TOY_TAG, "layers": layers, "image_size": 32, "crop": None,
+            "taps": [{"layer": i, "shape": list(s)} for i, s in enumerate(shapes)],
             "dtype": "float16", "category": "widget", "split": split, "files_hash": split,
             "n_images": n, **extra}
 
@@ -55,9 +61,9 @@ def write_toy_banks(banks_dir: Path, n_train: int = 30, n_good: int = 6, n_bad: 
                          "blob" if bad else "good", int(bad),
                          f"/nowhere/widget/ground_truth/blob/{i:03d}_mask.png" if bad else "",
                          size, size])
-        paths = BankPaths.of(banks_dir, "toy", "widget", split)
-        with BankWriter(paths, len(feats), (6, 6), 16) as w:
-            w.write(np.arange(len(feats)), feats)
+        paths = BankPaths.of(banks_dir, "toy", TOY_TAG, "widget", split)
+        with BankWriter(paths, len(feats), [0], [(6, 6, 16)]) as w:
+            w.write(np.arange(len(feats)), [feats])
             w.commit(pd.DataFrame(rows, columns=META_COLUMNS),
                      toy_fingerprint(split, len(feats), **extra))
     return blocks

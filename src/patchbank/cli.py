@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from patchbank.core.errors import PatchbankError
 
@@ -32,9 +33,25 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="hub",
                    help="'hub' (pretrained, default), a local weights file, or 'random'")
     p.add_argument("--image-size", type=int, default=None, help="square input size")
+    p.add_argument("--layers", default=None, help="comma list of tapped layers, e.g. 1,2,3")
+    p.add_argument("--crop", type=int, default=None, help="centre-crop size after resizing")
+    p.add_argument("--normalize", default=None, choices=["imagenet", "half", "model"],
+                   help="input normalisation (default: the backbone's own)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-image-cache", dest="image_cache", action="store_false",
                    help="do not keep resized images under <banks-dir>/_imagecache for reuse")
+
+
+def _spec(args: argparse.Namespace, backbone: str) -> Any:
+    from patchbank.features.spec import ExtractSpec
+
+    try:
+        layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
+    except ValueError:
+        raise PatchbankError(f"--layers {args.layers!r}: expected a comma list of integers, "
+                             "e.g. --layers 1,2,3") from None
+    return ExtractSpec(backbone, args.weights, layers, args.image_size, args.crop,
+                       args.normalize)
 
 
 def parse_params(items: Sequence[str]) -> dict[str, str]:
@@ -58,7 +75,7 @@ def _categories(args: argparse.Namespace, folder: Path, marker: str, hint: str) 
     """Categories for stages that read banks/scores: the given ones, or all found on disk."""
     if args.category != "all":
         return [c for c in args.category.split(",") if c]
-    found = sorted(p.parent.name for p in folder.glob(f"*/{marker}"))
+    found = sorted({p.parent.name for p in folder.glob(f"*/{marker}")})
     if not found:
         raise PatchbankError(f"{folder}: nothing found; run {hint} first")
     return found
@@ -69,10 +86,6 @@ def extract_main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--backbone", required=True, help="registry name or any timm model name")
     _common(p)
     _extract_args(p)
-    p.add_argument("--layers", default=None, help="comma list of tapped layers, e.g. 2,3")
-    p.add_argument("--crop", type=int, default=None, help="centre-crop size after resizing")
-    p.add_argument("--normalize", default=None, choices=["imagenet", "half"],
-                   help="input normalisation (default: the backbone's own)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers")
 
     def run(args: argparse.Namespace) -> None:
@@ -80,15 +93,15 @@ def extract_main(argv: Sequence[str] | None = None) -> None:
         from patchbank.stages.extract import ExtractConfig, extract
 
         root = _data_root(args)
-        layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
-        config = ExtractConfig(args.backbone, args.weights, layers, args.image_size, args.crop,
-                               args.normalize, args.batch_size, args.workers, args.device,
+        spec = _spec(args, args.backbone)
+        config = ExtractConfig(spec, args.batch_size, args.workers, args.device,
                                args.image_cache)
         done = extract(root, resolve_categories(root, args.category), config, args.banks_dir,
                        args.overwrite)
+        tag = spec.tag()
         for category, splits in done.items():
-            print(f"{args.backbone}/{category}: " + ", ".join(f"{s} {v}" for s, v in
-                                                              splits.items()))
+            print(f"{args.backbone}/{tag}/{category}: " + ", ".join(f"{s} {v}" for s, v in
+                                                                     splits.items()))
 
     _main(p, run, argv)
 
@@ -98,7 +111,11 @@ def score_main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--backbone", required=True)
     p.add_argument("--method", required=True)
     p.add_argument("--param", action="append", default=[], help="key=value, repeatable")
-    p.add_argument("--name", default=None, help="output folder name (default: the method)")
+    p.add_argument("--bank", default=None,
+                   help="bank configuration tag (or a unique prefix) under <banks-dir>/<backbone>;"
+                        " needed when several exist")
+    p.add_argument("--name", default=None,
+                   help="output folder name (default: method, bank settings and a hash)")
     p.add_argument("--holdout", type=float, default=0.2,
                    help="fraction of train images held out for an unsupervised threshold (0: off)")
     _common(p, data=False)
@@ -108,13 +125,14 @@ def score_main(argv: Sequence[str] | None = None) -> None:
         from patchbank.stages.score import score_category
 
         params = parse_params(args.param)
-        cats = _categories(args, Path(args.banks_dir, args.backbone), "test.json",
+        cats = _categories(args, Path(args.banks_dir, args.backbone), "*/test.json",
                            "scripts/extract.py")
         for category in cats:
-            status = score_category(args.banks_dir, args.scores_dir, args.backbone, args.method,
-                                    category, params, name=args.name, holdout=args.holdout,
-                                    device=args.device, overwrite=args.overwrite)
-            print(f"{args.backbone}/{args.name or args.method}/{category}: {status}")
+            name, status = score_category(
+                args.banks_dir, args.scores_dir, args.backbone, args.method, category, params,
+                bank=args.bank, name=args.name, holdout=args.holdout, device=args.device,
+                overwrite=args.overwrite)
+            print(f"{args.backbone}/{name}/{category}: {status}")
 
     _main(p, run, argv)
 
@@ -151,6 +169,8 @@ def run_main(argv: Sequence[str] | None = None) -> None:
                    help="key=value for all methods, or method.key=value for one")
     p.add_argument("--eval-size", type=int, default=None)
     p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="fraction of train images held out for an unsupervised threshold (0: off)")
     _common(p)
     _scores(p)
     _extract_args(p)
@@ -160,12 +180,13 @@ def run_main(argv: Sequence[str] | None = None) -> None:
         from patchbank.stages.evaluate import leaderboard_markdown
         from patchbank.stages.pipeline import run_pipeline
 
+        specs = [_spec(args, b) for b in args.backbone.split(",") if b]
         board = run_pipeline(
-            args.data_root, args.category, args.backbone.split(","), args.method.split(","),
-            banks_dir=args.banks_dir, scores_dir=args.scores_dir, weights=args.weights,
-            image_size=args.image_size, device=args.device, params=parse_params(args.param),
-            overwrite=args.overwrite, figures=not args.no_figures, eval_size=args.eval_size,
-            batch_size=args.batch_size, image_cache=args.image_cache,
+            args.data_root, args.category, specs, args.method.split(","),
+            banks_dir=args.banks_dir, scores_dir=args.scores_dir, device=args.device,
+            params=parse_params(args.param), holdout=args.holdout, overwrite=args.overwrite,
+            figures=not args.no_figures, eval_size=args.eval_size, batch_size=args.batch_size,
+            image_cache=args.image_cache,
         )
         print(f"\nLeaderboard ({args.scores_dir / 'leaderboard.md'}):\n")
         print(leaderboard_markdown(board))

@@ -65,6 +65,8 @@ class ExtractorInfo:
     grid: tuple[int, int]
     channels: int
     stride: int
+    #: (h, w, C) of each tapped layer's own grid, in ``layers`` order (finest first).
+    tap_shapes: tuple[tuple[int, int, int], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (tuples become lists)."""
@@ -83,11 +85,20 @@ class FeatureExtractor(nn.Module):
         """The tapped maps, each ``(B, C_i, h_i, w_i)``, first one the finest."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Tap the layers, upsample every map to the first one's grid, concatenate channels."""
+    def grids(self, x: Tensor) -> list[Tensor]:
+        """Each tapped layer at its own resolution, float32 ``(B, C_i, h_i, w_i)``: what the
+        extract stage stores, so every scorer can combine the taps as its paper does."""
+        self._check(x)
+        return [m.float() for m in self.taps(x)]
+
+    def _check(self, x: Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != (self.image_size,) * 2:
             raise ValueError(f"expected (B, 3, {self.image_size}, {self.image_size}) images, got "
                              f"{tuple(x.shape)}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Tap the layers, upsample every map to the first one's grid, concatenate channels."""
+        self._check(x)
         maps = self.taps(x)
         size = maps[0].shape[-2:]
         out = [maps[0]] + [
@@ -256,12 +267,14 @@ def build_extractor(name: str, weights: str = "hub", layers: Sequence[int] | Non
     extractor = extractor.to(dev).eval()
     extractor.requires_grad_(False)
     with torch.inference_mode():
-        probe = extractor(torch.zeros(1, 3, size, size, device=dev))
-    grid = (int(probe.shape[-2]), int(probe.shape[-1]))
+        probe = extractor.grids(torch.zeros(1, 3, size, size, device=dev))
+    shapes = tuple((int(m.shape[-2]), int(m.shape[-1]), int(m.shape[1])) for m in probe)
+    grid = shapes[0][:2]
     info = ExtractorInfo(
         backbone=name, model_id=spec.model_id, weights_id=weights_id, layers=taps,
         image_size=size, mean=tuple(mean), std=tuple(std), grid=grid,
-        channels=int(probe.shape[1]), stride=max(1, round(size / grid[0])),
+        channels=sum(s[2] for s in shapes), stride=max(1, round(size / grid[0])),
+        tap_shapes=shapes,
     )
     log.info("%s: %s, weights %s, layers %s -> grid %s x %d", name, spec.model_id, weights_id,
              taps, grid, info.channels)

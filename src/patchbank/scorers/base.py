@@ -1,7 +1,11 @@
 """The scorer interface, parameter parsing, bank checks and small helpers shared by all methods.
 
-A *bank* is a numpy array (N, h, w, C), float16 or float32: N images, an h x w grid of C-dim
-patch embeddings. Scorers work on banks in memory only (no images, no backbone).
+A scorer reads *taps*: the backbone's tapped layers, each an array (N, h_i, w_i, C_i) at its own
+resolution (finest first), given as ``{layer: array}`` (a loaded bank's ``taps``), a list, or a
+single (N, h, w, C) array. Each method picks the taps its paper uses (parameter ``layers``,
+"auto" by default) and combines them as its paper does; most align them to the finest chosen
+grid and concatenate channels (:func:`align_taps`). Scorers work on arrays only (no images, no
+backbone).
 """
 
 from __future__ import annotations
@@ -9,10 +13,12 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from patchbank.core.device import resolve_device as _resolve_device
 from patchbank.core.errors import BankError
@@ -110,6 +116,49 @@ def check_bank(bank: Any, role: str, grid: tuple[int, int, int] | None = None) -
     return arr
 
 
+Taps = Mapping[int, np.ndarray] | Sequence[np.ndarray] | np.ndarray
+#: input bytes per batch of images when aligning taps.
+ALIGN_BYTES = 64 << 20
+
+
+def as_taps(features: Any) -> dict[int, np.ndarray]:
+    """``{layer: (N, h, w, C)}`` from a dict, a list of taps, a single 4-D array or a bank."""
+    features = getattr(features, "taps", features)
+    if isinstance(features, Mapping):
+        return dict(features)
+    if isinstance(features, np.ndarray) and features.ndim == 4:
+        return {0: features}
+    if isinstance(features, (list, tuple)) and features:
+        return dict(enumerate(features))
+    arr = np.asarray(features)
+    raise BankError(f"bank has shape {arr.shape} and dtype {arr.dtype}; expected (N, h, w, C) "
+                    "float arrays of patch features: rebuild it with extract")
+
+
+def align_taps(taps: Sequence[np.ndarray], mode: str = "bilinear") -> np.ndarray:
+    """Taps resized to the first one's grid and concatenated: (N, h0, w0, sum C) float16.
+
+    ``mode`` "bilinear" (align_corners=False, as PatchCore and SPADE) or "nearest" (PaDiM's
+    replication of coarse cells). A single tap is returned as it is (no copy).
+    """
+    if len(taps) == 1:
+        return taps[0]
+    n, h, w, _ = taps[0].shape
+    channels = sum(t.shape[-1] for t in taps)
+    out = np.empty((n, h, w, channels), dtype=np.float16)
+    step = max(1, ALIGN_BYTES // (4 * h * w * channels))
+    kw = {"align_corners": False} if mode == "bilinear" else {}
+    for lo, hi in batches(n, step):
+        parts = []
+        for t in taps:
+            x = torch.from_numpy(np.asarray(t[lo:hi], dtype=np.float32)).permute(0, 3, 1, 2)
+            if x.shape[-2:] != (h, w):
+                x = F.interpolate(x, size=(h, w), mode=mode, **kw)
+            parts.append(x)
+        out[lo:hi] = torch.cat(parts, dim=1).permute(0, 2, 3, 1).numpy()
+    return out
+
+
 def batches(n: int, size: int) -> Iterator[tuple[int, int]]:
     """``(lo, hi)`` ranges covering ``range(n)`` in steps of ``size``."""
     size = max(1, int(size))
@@ -132,7 +181,9 @@ class Scorer(ABC):
     Subclasses set ``name``, ``defaults`` (every parameter with its default; the default's type
     is the parameter's type unless ``param_types`` says otherwise, e.g. for None defaults),
     ``choices`` for string parameters, ``pixel_level`` and ``map_sigma``, and implement
-    ``_fit`` / ``_score``.
+    ``_fit`` / ``_score``. Every scorer also takes ``layers``: "auto" (the method's
+    ``tap_policy``) or a comma list of the bank's layers; taps are aligned with ``upsample``
+    unless ``multi_tap`` (then ``_fit``/``_score`` receive the list of chosen taps).
     """
 
     name: ClassVar[str]
@@ -144,19 +195,30 @@ class Scorer(ABC):
     pixel_level: ClassVar[bool] = False
     #: fewest training images the method can fit on.
     min_train: ClassVar[int] = 1
+    #: "coarse": with 3+ taps of different grids, all but the finest (the stride-8/16 taps of
+    #: PatchCore); "all": every tap (PaDiM's stride-4/8/16).
+    tap_policy: ClassVar[str] = "coarse"
+    upsample: ClassVar[str] = "bilinear"
+    multi_tap: ClassVar[bool] = False
+    #: parameters every scorer takes, on top of its own ``defaults``.
+    common: ClassVar[dict[str, Any]] = {"layers": "auto"}
 
     def __init__(self, *, device: str = "auto", **params: Any) -> None:
-        unknown = sorted(set(params) - set(self.defaults))
+        defaults = {**self.common, **self.defaults}
+        unknown = sorted(set(params) - set(defaults))
         if unknown:
             raise ValueError(f"{self.name}: unknown parameter(s) {unknown}; "
-                             f"valid keys: {sorted(self.defaults)}")
-        resolved = dict(self.defaults)
+                             f"valid keys: {sorted(defaults)}")
+        resolved = dict(defaults)
+        if isinstance(params.get("layers"), (list, tuple)):
+            params["layers"] = ",".join(str(int(x)) for x in params["layers"])
         for key, value in params.items():
-            types = self.param_types.get(key, (type(self.defaults[key]),))
+            types = self.param_types.get(key, (type(defaults[key]),))
             resolved[key] = coerce_param(self.name, key, value, types, self.choices.get(key))
         self.params: dict[str, Any] = resolved
         self.device = resolve_device(device)
-        self._grid: tuple[int, int, int] | None = None
+        self._shapes: list[tuple[int, ...]] | None = None
+        self.layers_: tuple[int, ...] = ()
         self._check_params()
 
     def _check_params(self) -> None:
@@ -172,27 +234,67 @@ class Scorer(ABC):
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{type(self).__name__}({args})"
 
-    def fit(self, train: np.ndarray) -> Self:
-        """Fit on a train bank (N, h, w, C); returns self."""
-        train = check_bank(train, "train")
-        if len(train) < self.min_train:
+    def choose_layers(self, available: Sequence[int]) -> tuple[int, ...]:
+        """The bank layers this scorer uses: its ``tap_policy`` or the ``layers`` parameter."""
+        value = str(self.params["layers"]).strip().lower()
+        if value == "auto":
+            if self.tap_policy == "coarse" and len(available) >= 3:
+                return tuple(available[1:])
+            return tuple(available)
+        try:
+            wanted = tuple(sorted({int(x) for x in value.split(",") if x.strip()}))
+        except ValueError:
+            raise ValueError(f"{self.name}: parameter 'layers' must be 'auto' or a comma list of "
+                             f"layers, got {self.params['layers']!r}") from None
+        missing = [x for x in wanted if x not in available]
+        if not wanted or missing:
+            raise BankError(f"{self.name}: layers {list(wanted)} asked for, the bank holds "
+                            f"{list(available)}: pass --param layers= a subset of them, or "
+                            "re-extract with --layers")
+        return wanted
+
+    def _taps(self, features: Taps, role: str) -> list[np.ndarray]:
+        """The chosen taps of ``features``, checked (shapes must match the train bank's)."""
+        taps = as_taps(features)
+        if role == "train":
+            self.layers_ = self.choose_layers(tuple(taps))
+        missing = [x for x in self.layers_ if x not in taps]
+        if missing:
+            raise BankError(f"{role} bank lacks layers {missing} the scorer was fitted on: "
+                            "extract both splits with the same settings")
+        out = []
+        for i, layer in enumerate(self.layers_):
+            shape = self._shapes[i] if self._shapes is not None and role != "train" else None
+            out.append(check_bank(taps[layer], role, shape))
+        if len({len(t) for t in out}) != 1:
+            raise BankError(f"{role} bank's layers hold different numbers of images: re-extract")
+        return out
+
+    def fit(self, train: Taps) -> Self:
+        """Fit on a train bank (its taps, or one (N, h, w, C) array); returns self."""
+        taps = self._taps(train, "train")
+        n = len(taps[0])
+        if n < self.min_train:
             raise BankError(f"{self.name} needs at least {self.min_train} training images, the "
-                            f"train bank has {len(train)}: add good training images")
-        log.info("%s: fitting on %d images, grid %s", self.name, len(train), train.shape[1:])
-        self._fit(train)
-        self._grid = tuple(int(s) for s in train.shape[1:])  # type: ignore[assignment]
+                            f"train bank has {n}: add good training images")
+        shapes = [tuple(int(s) for s in t.shape[1:]) for t in taps]
+        log.info("%s: fitting on %d images, layers %s %s", self.name, n, self.layers_, shapes)
+        self._fit(taps if self.multi_tap else align_taps(taps, self.upsample))
+        self._shapes = shapes
         return self
 
-    def score(self, test: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Image scores (N,) float64 (higher = more anomalous), maps (N, h, w) float32 or None."""
-        if self._grid is None:
+    def score(self, test: Taps) -> tuple[np.ndarray, np.ndarray | None]:
+        """Image scores (N,) float64 (higher = more anomalous), maps (N, h, w) float32 or None
+        on the finest chosen tap's grid."""
+        if self._shapes is None:
             raise RuntimeError(f"{self.name}: call fit() before score()")
-        test = check_bank(test, "test", self._grid)
-        log.info("%s: scoring %d images", self.name, len(test))
-        scores, maps = self._score(test)
-        scores = np.asarray(scores, dtype=np.float64).reshape(len(test))
+        taps = self._taps(test, "test")
+        n, (h, w) = len(taps[0]), self._shapes[0][:2]
+        log.info("%s: scoring %d images", self.name, n)
+        scores, maps = self._score(taps if self.multi_tap else align_taps(taps, self.upsample))
+        scores = np.asarray(scores, dtype=np.float64).reshape(n)
         if maps is not None:
-            maps = np.asarray(maps, dtype=np.float32).reshape(test.shape[:3])
+            maps = np.asarray(maps, dtype=np.float32).reshape(n, h, w)
         return scores, maps
 
     @abstractmethod

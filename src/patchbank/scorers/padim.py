@@ -1,5 +1,9 @@
 """PaDiM (Defard et al. 2021): a Gaussian per grid location on a random channel subset.
 
+As in the paper: the three finest taps (stride 4, 8, 16 for ResNet-like backbones), coarser ones
+replicated onto the finest grid (nearest) and concatenated, ``d`` random channels, covariance +
+eps*I; map = Mahalanobis distance, image score = its maximum.
+
 Fit accumulates per-location sums and outer-product sums over batches of images in float64, so
 peak memory is the model (h*w, d, d), not the dataset. Score: Mahalanobis distance per location
 via batched Cholesky solves (torch, on the GPU when present).
@@ -115,6 +119,10 @@ class PaDiMScorer(Scorer):
     map_sigma: ClassVar[float] = 4.0
     pixel_level: ClassVar[bool] = True
     min_train: ClassVar[int] = 2
+    #: the paper's taps: every stored layer (stride 4, 8, 16 for ResNet-like backbones), coarse
+    #: cells replicated onto the finest grid (nearest), as the reference code's embedding_concat.
+    tap_policy: ClassVar[str] = "all"
+    upsample: ClassVar[str] = "nearest"
     #: images per fit batch; None -> min(d // 4, what fits in BATCH_BYTES), so a batch is at most
     #: a quarter of the model's size.
     batch_images: int | None = None

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from patchbank import __version__
 from patchbank.core.device import resolve_device
-from patchbank.core.errors import DatasetError, PatchbankError
+from patchbank.core.errors import DatasetError
 from patchbank.data.mvtec import (
     ImageDataset,
     Sample,
@@ -29,7 +29,7 @@ from patchbank.data.mvtec import (
 )
 from patchbank.features.extractors import ExtractorInfo, FeatureExtractor, build_extractor
 from patchbank.features.preprocess import Preprocess
-from patchbank.features.registry import get_spec
+from patchbank.features.spec import ExtractSpec
 from patchbank.store.banks import (
     BANK_FORMAT,
     META_COLUMNS,
@@ -37,8 +37,6 @@ from patchbank.store.banks import (
     BankPaths,
     BankWriter,
     bank_status,
-    fingerprint_diff,
-    read_fingerprint,
 )
 from patchbank.store.imagecache import CacheWriter, ImageCache
 
@@ -50,26 +48,25 @@ IMAGE_CACHE_DIR = "_imagecache"
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Everything the user chooses about extraction (the backbone half of the fingerprint)."""
+    """How to run an extraction: the :class:`ExtractSpec` (what the banks hold) plus run-time
+    options that do not change a bank's content."""
 
-    backbone: str
-    weights: str = "hub"
-    layers: tuple[int, ...] | None = None
-    image_size: int | None = None
-    crop: int | None = None
-    normalize: str | None = None
+    spec: ExtractSpec
     batch_size: int = 16
     num_workers: int | None = None
     device: str = "auto"
     image_cache: bool = True
 
 
-def fingerprint(info: ExtractorInfo, preprocess: Preprocess, samples: Sequence[Sample],
-                root: Path, category: str, split: str) -> dict[str, Any]:
+def fingerprint(spec: ExtractSpec, info: ExtractorInfo, preprocess: Preprocess,
+                samples: Sequence[Sample], root: Path, category: str,
+                split: str) -> dict[str, Any]:
     """Everything that changes a bank's content; stored beside it and compared on re-runs."""
     return {
         "format": BANK_FORMAT,
         "patchbank_version": __version__,
+        "tag": spec.tag(),
+        "spec": spec.canonical(),
         "backbone": info.backbone,
         "model_id": info.model_id,
         "weights": info.weights_id,
@@ -78,8 +75,8 @@ def fingerprint(info: ExtractorInfo, preprocess: Preprocess, samples: Sequence[S
         "crop": preprocess.crop,
         "mean": [round(float(m), 6) for m in preprocess.mean],
         "std": [round(float(s), 6) for s in preprocess.std],
-        "grid": list(info.grid),
-        "channels": info.channels,
+        "taps": [{"layer": layer, "shape": list(shape)}
+                 for layer, shape in zip(info.layers, info.tap_shapes, strict=True)],
         "dtype": "float16",
         "category": category,
         "split": split,
@@ -108,7 +105,7 @@ def _features(model: FeatureExtractor, preprocess: Preprocess, batches: Iterator
     """
     amp = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext())
 
-    def save(idx: np.ndarray, pixels: np.ndarray, feats: np.ndarray) -> None:
+    def save(idx: np.ndarray, pixels: np.ndarray, feats: list[np.ndarray]) -> None:
         if cache is not None:
             cache.write(idx, pixels)
         writer.write(idx, feats)
@@ -127,9 +124,10 @@ def _features(model: FeatureExtractor, preprocess: Preprocess, batches: Iterator
             # uint8 crosses to the device; crop and normalisation happen there.
             images = preprocess.batch(pixels.to(device, non_blocking=True))
             with amp:
-                feats = model(images)
-            # (B, C, h, w) -> (B, h, w, C) float16 on the device: only the bank's bytes cross.
-            feats = feats.half().permute(0, 2, 3, 1).contiguous().cpu().numpy()
+                feats = model.grids(images)
+            # each tap (B, C, h, w) -> (B, h, w, C) float16 on the device: only the bank's bytes
+            # cross.
+            feats = [t.half().permute(0, 2, 3, 1).contiguous().cpu().numpy() for t in feats]
             if saving is not None:
                 saving.result()
             saving = pool.submit(save, idx.numpy(), pixels.numpy(), feats)
@@ -154,20 +152,18 @@ class Extractor:
 
     def __init__(self, config: ExtractConfig) -> None:
         self.config = config
+        self.spec = spec = config.spec.resolved()
         self.device = resolve_device(config.device)
-        size = config.image_size or get_spec(config.backbone).image_size
-        if config.crop is not None and not 0 < config.crop <= size:
-            raise PatchbankError(f"--crop {config.crop} must be between 1 and the image size "
-                                 f"{size}; pass a smaller --crop or a larger --image-size")
+        size = spec.image_size
         # Images are resized to ``size``, then centre-cropped: the model sees ``crop`` pixels.
         self.model, self.info = build_extractor(
-            config.backbone, weights=config.weights, layers=config.layers,
-            image_size=config.crop or size, device=str(self.device), normalize=config.normalize,
+            spec.backbone, weights=spec.weights, layers=spec.layers,
+            image_size=spec.crop or size, device=str(self.device),
+            normalize=None if spec.normalize == "model" else spec.normalize,
         )
-        self.preprocess = Preprocess(size, self.info.mean, self.info.std, crop=config.crop)
-        log.info("%s: weights %s, layers %s, %d px (crop %s) -> grid %s x %d channels",
-                 self.info.backbone, self.info.weights_id, self.info.layers, size, config.crop,
-                 self.info.grid, self.info.channels)
+        self.preprocess = Preprocess(size, self.info.mean, self.info.std, crop=spec.crop)
+        log.info("%s: weights %s, layers %s, %d px (crop %s) -> taps %s", self.info.backbone,
+                 self.info.weights_id, self.info.layers, size, spec.crop, self.info.tap_shapes)
 
     def run(self, data_root: Path, category: str, banks_dir: Path,
             overwrite: bool = False) -> dict[str, str]:
@@ -175,20 +171,22 @@ class Extractor:
         done = {}
         for split in SPLITS:
             samples = discover(data_root, category, split)
-            fp = fingerprint(self.info, self.preprocess, samples, data_root, category, split)
-            paths = BankPaths.of(banks_dir, self.config.backbone, category, split)
-            status = bank_status(paths, fp)
+            fp = fingerprint(self.spec, self.info, self.preprocess, samples, data_root,
+                             category, split)
+            paths = BankPaths.of(banks_dir, self.spec.backbone, self.spec.tag(), category, split)
+            status, reasons = bank_status(paths, fp)
             if status == "complete" and not overwrite:
-                log.info("%s: up to date, skipped", paths.npz)
+                log.info("%s: up to date, skipped", paths.describe())
                 done[split] = "skipped"
                 continue
-            if status == "stale":
-                diff = fingerprint_diff(read_fingerprint(paths) or {}, fp)
-                log.warning("%s: stale (%s), rebuilding", paths.npz, "; ".join(diff))
+            if status in ("stale", "broken"):
+                log.warning("%s: %s (%s), rebuilding", paths.describe(), status,
+                            "; ".join(reasons))
             cache = (ImageCache.of(banks_dir / IMAGE_CACHE_DIR, data_root, samples,
                                    self.preprocess.image_size) if self.config.image_cache else None)
             self._extract(samples, paths, fp, f"{category}/{split}", cache)
-            done[split] = {"stale": "rebuilt", "complete": "overwritten"}.get(status, "built")
+            done[split] = {"stale": "rebuilt", "broken": "rebuilt",
+                           "complete": "overwritten"}.get(status, "built")
         return done
 
     def _extract(self, samples: Sequence[Sample], paths: BankPaths, fp: dict[str, Any],
@@ -222,15 +220,15 @@ class Extractor:
                 batches = iter(loader)
                 torch.set_num_threads(threads)
             writer = stack.enter_context(
-                BankWriter(paths, len(samples), self.info.grid, self.info.channels))
+                BankWriter(paths, len(samples), self.info.layers, self.info.tap_shapes))
             _features(self.model, self.preprocess,
                       iter(tqdm(batches, total=total, desc=desc, unit="batch", leave=False)),
                       self.device, writer, filling)
             if filling is not None:
                 filling.commit()
             writer.commit(metadata(samples), fp)
-        log.info("%s: wrote %d grids %s x %d", paths.npz, len(samples), self.info.grid,
-                 self.info.channels)
+        log.info("%s: wrote %d images, taps %s", paths.describe(), len(samples),
+                 self.info.tap_shapes)
 
 
 def extract(data_root: Path, categories: Sequence[str], config: ExtractConfig, banks_dir: Path,

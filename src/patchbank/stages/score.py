@@ -6,6 +6,8 @@ same method, parameters and bank fingerprints; otherwise it is recomputed.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -16,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from patchbank import __version__
-from patchbank.core.errors import PatchbankError
+from patchbank.core.errors import BankError, PatchbankError
 from patchbank.scorers import make_scorer
-from patchbank.store.banks import Bank, load_pair
+from patchbank.store.banks import Bank, find_tags, load_pair
 from patchbank.store.banks import fingerprint_diff as _diff
 from patchbank.store.runs import SCORE_COLUMNS, RunPaths, read_run_info, write_run
 
@@ -26,6 +28,35 @@ log = logging.getLogger(__name__)
 
 #: run.json keys that decide whether an existing run can be reused.
 RUN_KEYS = ("method", "params", "holdout", "seed", "banks", "patchbank_version")
+
+
+def resolve_tag(banks_dir: Path, backbone: str, category: str, tag: str | None = None) -> str:
+    """The bank configuration to score: ``tag`` (exact or a unique prefix), or the only one."""
+    tags = find_tags(banks_dir, backbone, category)
+    hint = (f"run `python scripts/extract.py --backbone {backbone} --category {category} "
+            f"--banks-dir {banks_dir}` first")
+    if not tags:
+        raise BankError(f"{Path(banks_dir, backbone)}: no {category} banks; {hint}")
+    if tag is None:
+        if len(tags) > 1:
+            raise BankError(f"{Path(banks_dir, backbone)}: {len(tags)} bank configurations for "
+                            f"{category} ({', '.join(tags)}); choose one with --bank TAG")
+        return tags[0]
+    found = [t for t in tags if t == tag] or [t for t in tags if t.startswith(tag)]
+    if len(found) != 1:
+        raise BankError(f"--bank {tag}: {'ambiguous' if found else 'no such bank'} for "
+                        f"{backbone}/{category}; known: {', '.join(tags)}")
+    return found[0]
+
+
+def run_name(method: str, params: Mapping[str, Any], tag: str, holdout: float,
+             seed: int) -> str:
+    """Score-run folder: method, the bank tag's readable part, and a hash of the whole spec."""
+    spec = {"method": method, "params": dict(params), "bank": tag, "holdout": holdout,
+            "seed": seed}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode())
+    readable = tag.rsplit("-", 1)[0]
+    return f"{method}-{readable}-{digest.hexdigest()[:8]}"
 
 
 def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,23 +81,30 @@ def score_category(
     category: str,
     params: Mapping[str, Any] | None = None,
     *,
+    bank: str | None = None,
     name: str | None = None,
     holdout: float = 0.2,
     seed: int = 0,
     device: str = "auto",
     overwrite: bool = False,
 ) -> str:
-    """Fit ``method`` on the train bank and score the test bank; returns what happened.
+    """Fit ``method`` on the train bank and score the test bank; returns (run folder name,
+    what happened).
 
-    ``holdout`` > 0 also fits on the rest of the training set and scores the held-out part, so
-    the evaluate stage can set an unsupervised threshold (mean + 3 sigma of those scores).
+    ``bank`` picks the bank configuration (its tag, or a unique prefix; default: the only one).
+    The run lives in ``<scores_dir>/<backbone>/<name>/<category>``, ``name`` defaulting to
+    :func:`run_name`, so other parameters or banks never overwrite it. ``holdout`` > 0 also
+    fits on the rest of the training set and scores the held-out part, so the evaluate stage
+    can set an unsupervised threshold (mean + 3 sigma of those scores).
     """
-    train, test = load_pair(banks_dir, backbone, category)
     try:
         scorer = make_scorer(method, params, device=device)
     except ValueError as err:
         raise PatchbankError(f"--method {method}: {err}") from None
-    paths = RunPaths.of(scores_dir, backbone, name or method, category)
+    tag = resolve_tag(banks_dir, backbone, category, bank)
+    train, test = load_pair(banks_dir, backbone, tag, category)
+    name = name or run_name(method, scorer.params, tag, holdout, seed)
+    paths = RunPaths.of(scores_dir, backbone, name, category)
     info: dict[str, Any] = {
         "method": method,
         "params": scorer.params,
@@ -81,25 +119,29 @@ def score_category(
         diff = _diff({k: old.get(k) for k in RUN_KEYS}, {k: info[k] for k in RUN_KEYS})
         if not diff and not overwrite:
             log.info("%s: up to date, skipped", paths.folder)
-            return "skipped"
+            return name, "skipped"
         status = "overwritten" if not diff else "recomputed"
         if diff:
             log.warning("%s: configuration changed (%s), recomputing", paths.folder,
                         "; ".join(d[:120] for d in diff))
 
     t0 = time.perf_counter()
-    scorer.fit(train.features)
-    fit_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    scores, maps = scorer.score(test.features)
+    try:
+        scorer.fit(train.taps)
+        fit_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scores, maps = scorer.score(test.taps)
+    except ValueError as err:
+        raise PatchbankError(f"--method {method}: {err}") from None
     score_s = time.perf_counter() - t0
     log.info("%s %s/%s: fit %.1f s, score %.1f s", method, backbone, category, fit_s, score_s)
 
     train_scores = None
-    fit_idx, out_idx = holdout_split(len(train.features), holdout, seed)
+    fit_idx, out_idx = holdout_split(len(train), holdout, seed)
     if len(out_idx):
-        held = make_scorer(method, scorer.params, device=device).fit(train.features[fit_idx])
-        held_scores, _ = held.score(train.features[out_idx])
+        held = make_scorer(method, scorer.params, device=device).fit(
+            {k: v[fit_idx] for k, v in train.taps.items()})
+        held_scores, _ = held.score({k: v[out_idx] for k, v in train.taps.items()})
         train_scores = pd.DataFrame(
             {"path": train.meta["path"].to_numpy()[out_idx], "score": held_scores}
         )
@@ -112,17 +154,20 @@ def score_category(
     })[SCORE_COLUMNS]
     info.update({
         "backbone": backbone,
+        "bank": tag,
+        "run": name,
         "category": category,
+        "layers": list(scorer.layers_),
         "pixel_level": maps is not None,
         "map_sigma": float(scorer.map_sigma),
         "input_size": input_size(test),
         "crop": test.fingerprint.get("crop"),
         "image_size": test.fingerprint["image_size"],
-        "grid": list(test.grid),
-        "n_train": len(train.features),
-        "n_test": len(test.features),
+        "grid": list(maps.shape[1:]) if maps is not None else None,
+        "n_train": len(train),
+        "n_test": len(test),
         "fit_s": round(fit_s, 3),
         "score_s": round(score_s, 3),
     })
     write_run(paths, table, maps, train_scores, info)
-    return status
+    return name, status

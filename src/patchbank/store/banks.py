@@ -1,14 +1,20 @@
-"""Feature-bank file format: the contract between the extract and score stages.
+"""Feature-bank file format (version 2): the contract between the extract and score stages.
 
-A bank for one backbone, category and split lives in ``<banks_dir>/<backbone>/<category>/``:
+Every extraction configuration keeps its own folder, named by its spec's tag (a short readable
+part plus a hash of the spec, see :class:`patchbank.features.spec.ExtractSpec`):
+``<banks_dir>/<backbone>/<tag>/<category>/``, holding for each split (``train``, ``test``):
 
-- ``<split>.npz`` — key ``features``: (N, h, w, C) float16 patch embeddings, one grid per image;
+- ``<split>.layer<L>.npy`` — one per tapped layer L: (N, h_L, w_L, C_L) float16, each layer at
+  its **own** resolution (what the backbone produced; scorers combine taps as their papers do);
+  plain ``.npy``, so scorers memory-map them instead of loading the dataset into memory;
 - ``<split>.csv`` — one row per image in the same order, columns :data:`META_COLUMNS`;
-- ``<split>.json`` — the fingerprint: everything that changes the bank's content.
+- ``<split>.json`` — the fingerprint: everything that changes the bank's content, including
+  ``taps``: ``[{"layer": L, "shape": [h, w, C]}, ...]`` finest first.
 
-The JSON is written last, so a bank is complete exactly when all three files exist and the
-JSON parses; each file is written to a temporary name and renamed, so a killed run never leaves
-a half-written bank that looks complete.
+The JSON is written last, so a bank is complete exactly when its JSON parses and every file it
+names exists with the shapes it states; each file is written under a temporary name and renamed.
+Version-1 banks (one upsampled ``<split>.npz`` in ``<backbone>/<category>/``) are reported as
+stale and never read.
 """
 
 from __future__ import annotations
@@ -16,8 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import zipfile
-from collections.abc import Mapping
+import socket
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,43 +35,70 @@ from patchbank.core.errors import BankError
 
 log = logging.getLogger(__name__)
 
-BANK_FORMAT = 1
+BANK_FORMAT = 2
 SPLITS = ("train", "test")
 META_COLUMNS = ["path", "category", "split", "defect_type", "label", "mask_path", "height", "width"]
 #: Fingerprint keys that differ between the train and test bank of one configuration.
 PER_SPLIT_KEYS = ("split", "files_hash", "n_images")
+#: Fingerprint keys every reader relies on, with their JSON types.
+REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
+    "format": int, "backbone": str, "category": str, "split": str, "image_size": int,
+    "crop": (int, type(None)), "taps": list, "n_images": int, "layers": list, "tag": str,
+}
 
 
 @dataclass
 class Bank:
-    """A loaded bank: features (N, h, w, C), per-image metadata, and the fingerprint."""
+    """A loaded bank: tapped layers (memory-mapped), per-image metadata, the fingerprint."""
 
-    features: np.ndarray
+    taps: dict[int, np.ndarray]  # layer -> (N, h, w, C) float16, finest first
     meta: pd.DataFrame
     fingerprint: dict[str, Any]
 
     @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(self.taps)
+
+    @property
     def grid(self) -> tuple[int, int]:
-        return int(self.features.shape[1]), int(self.features.shape[2])
+        """The finest tap's (h, w): the grid of maps from methods that align to it."""
+        first = next(iter(self.taps.values()))
+        return int(first.shape[1]), int(first.shape[2])
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+
+def bank_folder(banks_dir: Path, backbone: str, tag: str, category: str) -> Path:
+    return Path(banks_dir) / backbone / tag / category
 
 
 @dataclass(frozen=True)
 class BankPaths:
-    """The three files of one bank."""
+    """The files of one bank (one split of one configuration and category)."""
 
-    npz: Path
-    csv: Path
-    json: Path
+    folder: Path
+    split: str
 
     @classmethod
-    def of(cls, banks_dir: Path, backbone: str, category: str, split: str) -> BankPaths:
+    def of(cls, banks_dir: Path, backbone: str, tag: str, category: str, split: str) -> BankPaths:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        folder = Path(banks_dir) / backbone / category
-        return cls(folder / f"{split}.npz", folder / f"{split}.csv", folder / f"{split}.json")
+        return cls(bank_folder(banks_dir, backbone, tag, category), split)
 
-    def exists(self) -> bool:
-        return self.npz.is_file() and self.csv.is_file() and self.json.is_file()
+    @property
+    def csv(self) -> Path:
+        return self.folder / f"{self.split}.csv"
+
+    @property
+    def json(self) -> Path:
+        return self.folder / f"{self.split}.json"
+
+    def tap(self, layer: int) -> Path:
+        return self.folder / f"{self.split}.layer{int(layer)}.npy"
+
+    def describe(self) -> str:
+        return str(self.folder / f"{self.split}.*")
 
 
 def config_of(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
@@ -88,28 +121,83 @@ def _jsonable(value: Any) -> Any:
 
 
 def read_fingerprint(paths: BankPaths) -> dict[str, Any] | None:
-    """The stored fingerprint, or None when the bank is absent or incomplete."""
-    if not paths.exists():
-        return None
+    """The stored fingerprint when it parses as a JSON object, else None (absent/unfinished)."""
     try:
-        return json.loads(paths.json.read_text())
-    except (OSError, json.JSONDecodeError):
+        found = json.loads(paths.json.read_text())
+    except (OSError, ValueError):
         return None
+    return found if isinstance(found, dict) else None
 
 
-def bank_status(paths: BankPaths, fingerprint: Mapping[str, Any]) -> str:
-    """``"missing"``, ``"stale"`` (complete, other fingerprint) or ``"complete"``."""
+def check_fingerprint(fp: Any, paths: BankPaths) -> list[str]:
+    """Problems that make a stored fingerprint unusable (empty when it is well-formed)."""
+    if not isinstance(fp, dict):
+        return ["not a JSON object"]
+    if fp.get("format") != BANK_FORMAT:
+        return [f"bank format {fp.get('format')!r}, this patchbank reads {BANK_FORMAT}"]
+    bad = [f"key {k!r} missing or not {t}" for k, t in REQUIRED_KEYS.items()
+           if not isinstance(fp.get(k), t) or isinstance(fp.get(k), bool)]
+    if bad:
+        return bad
+    if fp["split"] != paths.split:
+        bad.append(f"split {fp['split']!r} in a {paths.split} file")
+    taps = fp["taps"]
+    if not taps or not all(isinstance(t, dict) and isinstance(t.get("layer"), int)
+                           and isinstance(t.get("shape"), list) and len(t["shape"]) == 3
+                           for t in taps):
+        bad.append("taps must be a list of {layer, shape: [h, w, C]}")
+    return bad
+
+
+def bank_status(paths: BankPaths, fingerprint: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """(``"missing"`` | ``"stale"`` | ``"broken"`` | ``"complete"``, reasons).
+
+    "complete" means readable and consistent (every tap file present with the stated shape and
+    dtype, CSV rows = images), not just present; "broken" is a bank with the right fingerprint
+    whose files are damaged or missing.
+    """
     found = read_fingerprint(paths)
     if found is None:
-        return "missing"
-    return "complete" if not fingerprint_diff(found, fingerprint) else "stale"
+        return ("broken", ["fingerprint unreadable"]) if paths.json.exists() else ("missing", [])
+    problems = check_fingerprint(found, paths)
+    if problems:
+        return "stale", problems
+    diff = fingerprint_diff(found, fingerprint)
+    if diff:
+        return "stale", diff
+    problems = verify_files(paths, found)
+    return ("broken", problems) if problems else ("complete", [])
+
+
+def _open_tap(path: Path, shape: Sequence[int]) -> np.ndarray:
+    """Memory-map one tap file, checking its header against the fingerprint."""
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    if arr.dtype != np.float16 or tuple(arr.shape) != tuple(shape):
+        raise ValueError(f"{path.name} holds {arr.dtype} {tuple(arr.shape)}, the fingerprint "
+                         f"says float16 {tuple(shape)}")
+    return arr
+
+
+def verify_files(paths: BankPaths, fp: Mapping[str, Any]) -> list[str]:
+    """Check the files a (well-formed) fingerprint names: shapes, dtypes, CSV row count."""
+    n = fp["n_images"]
+    problems = []
+    for t in fp["taps"]:
+        try:
+            _open_tap(paths.tap(t["layer"]), (n, *t["shape"]))
+        except (OSError, ValueError, EOFError) as err:
+            problems.append(f"{paths.tap(t['layer']).name}: {err}")
+    try:
+        rows = sum(1 for _ in paths.csv.open()) - 1
+        if rows != n:
+            problems.append(f"{paths.csv.name} has {rows} rows for {n} images")
+    except OSError as err:
+        problems.append(f"{paths.csv.name}: {err.strerror or err}")
+    return problems
 
 
 def sweep_temporaries(folder: Path, pattern: str) -> None:
-    """Remove temporary files ``<folder>/<pattern>`` left by killed runs.
-
-    The pattern's ``*`` is the writer's process id; files of processes still running are kept.
-    """
+    """Remove temporary files ``<folder>/<pattern>`` left by killed runs (``*`` = the pid)."""
     for leftover in Path(folder).glob(pattern):
         pid = leftover.name.split(".")[pattern.split(".").index("*")]
         try:
@@ -120,81 +208,101 @@ def sweep_temporaries(folder: Path, pattern: str) -> None:
             pass  # another user's live process
 
 
-class BankWriter:
-    """Stream features into a bank without holding the dataset in memory.
+def temp_name(path: Path) -> Path:
+    """A temporary name beside ``path`` unique to this host, process and writer."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}."
+                          f"{os.urandom(4).hex()}.tmp")
 
-    Features go straight into the ``features.npy`` member of a temporary ``.npz`` (stored, not
-    compressed: float16 features hardly compress), in row order; batches that arrive early wait
-    in memory for the rows before them. :meth:`commit` writes the CSV and the fingerprint, each
-    through a temporary file and an atomic rename. If the writer is closed without commit (an
-    exception, a kill), the temporary files are removed and any previous bank at that place is
-    left as it was.
+
+class BankWriter:
+    """Stream tapped layers into a bank without holding the dataset in memory.
+
+    Each layer goes straight into its own temporary ``.npy`` (header first, then rows in
+    order); batches that arrive early wait in memory for the rows before them. :meth:`commit`
+    writes the CSV and the fingerprint and renames everything into place, fingerprint last. If
+    the writer is closed without commit (an exception, a kill), the temporary files are removed
+    and any previous bank at that place is left as it was.
     """
 
-    def __init__(self, paths: BankPaths, n: int, grid: tuple[int, int], channels: int) -> None:
+    def __init__(self, paths: BankPaths, n: int, layers: Sequence[int],
+                 shapes: Sequence[tuple[int, int, int]]) -> None:
         self.paths = paths
-        paths.npz.parent.mkdir(parents=True, exist_ok=True)
-        sweep_temporaries(paths.npz.parent, f".{paths.npz.stem}.*.npz")
-        self._tmp_npz = paths.npz.with_name(f".{paths.npz.stem}.{os.getpid()}.npz")
-        self._shape = (n, *grid, channels)
-        self._zip = zipfile.ZipFile(self._tmp_npz, "w", compression=zipfile.ZIP_STORED,
-                                    allowZip64=True)
-        self._stream = self._zip.open("features.npy", "w", force_zip64=True)
-        np.lib.format.write_array_header_1_0(
-            self._stream, {"descr": np.dtype(np.float16).str, "fortran_order": False,
-                           "shape": self._shape})
+        self.n = n
+        self.layers = [int(x) for x in layers]
+        self.shapes = [tuple(int(v) for v in s) for s in shapes]
+        paths.folder.mkdir(parents=True, exist_ok=True)
+        self._tmp: dict[Path, Path] = {}
+        self._files = []
+        try:
+            for layer, shape in zip(self.layers, self.shapes, strict=True):
+                final = paths.tap(layer)
+                tmp = self._tmp[final] = temp_name(final)
+                f = tmp.open("wb")
+                self._files.append(f)
+                np.lib.format.write_array_header_1_0(
+                    f, {"descr": np.dtype(np.float16).str, "fortran_order": False,
+                        "shape": (n, *shape)})
+        except BaseException:
+            self.close()
+            raise
         self._next = 0  # rows before this one are written
-        self._early: dict[int, np.ndarray] = {}  # first row -> batch waiting for earlier rows
+        self._early: dict[int, list[np.ndarray]] = {}  # first row -> batch waiting
 
-    def write(self, indices: np.ndarray, features: np.ndarray) -> None:
-        """Store (B, h, w, C) features for the images at ``indices`` (consecutive rows)."""
+    def write(self, indices: np.ndarray, taps: Sequence[np.ndarray]) -> None:
+        """Store one batch: ``taps[i]`` is (B, h_i, w_i, C_i) for consecutive rows ``indices``."""
         indices = np.asarray(indices)
         if len(indices) == 0:
             return
         start = int(indices[0])
-        if not np.array_equal(indices, np.arange(start, start + len(indices))) or \
-                features.shape != (len(indices), *self._shape[1:]):
-            raise ValueError(f"expected features {self._shape[1:]} for consecutive rows, got "
-                             f"{features.shape} for rows {indices.tolist()}")
-        self._early[start] = np.ascontiguousarray(features, dtype=np.float16)
+        ok = np.array_equal(indices, np.arange(start, start + len(indices))) and \
+            len(taps) == len(self.shapes) and all(
+                t.shape == (len(indices), *s) for t, s in zip(taps, self.shapes, strict=True))
+        if not ok:
+            raise ValueError(f"expected taps {self.shapes} for consecutive rows, got "
+                             f"{[t.shape for t in taps]} for rows {indices.tolist()}")
+        self._early[start] = [np.ascontiguousarray(t, dtype=np.float16) for t in taps]
         while self._next in self._early:
             batch = self._early.pop(self._next)
-            self._stream.write(batch.data)
-            self._next += len(batch)
+            for f, t in zip(self._files, batch, strict=True):
+                f.write(t.data)
+            self._next += len(batch[0])
 
     def commit(self, meta: pd.DataFrame, fingerprint: Mapping[str, Any]) -> None:
         """Finish the bank: every image must have been written."""
-        n = self._shape[0]
-        if self._next != n or self._early:
-            missing = n - self._next - sum(len(b) for b in self._early.values())
-            raise BankError(f"{self.paths.npz}: {missing} images were never written; re-run")
-        if list(meta.columns) != META_COLUMNS or len(meta) != n:
-            raise ValueError(f"meta must have columns {META_COLUMNS} and {n} rows")
-        self._stream.close()
-        self._zip.close()
+        if self._next != self.n or self._early:
+            missing = self.n - self._next - sum(len(b[0]) for b in self._early.values())
+            raise BankError(f"{self.paths.describe()}: {missing} images were never written; "
+                            "re-run")
+        if list(meta.columns) != META_COLUMNS or len(meta) != self.n:
+            raise ValueError(f"meta must have columns {META_COLUMNS} and {self.n} rows")
+        for f in self._files:
+            f.close()
         p = self.paths
-        tmp_csv, tmp_json = (x.with_name(f".{x.name}.tmp") for x in (p.csv, p.json))
+        tmp_csv = self._tmp[p.csv] = temp_name(p.csv)
+        tmp_json = self._tmp[p.json] = temp_name(p.json)
         meta.to_csv(tmp_csv, index=False)
         tmp_json.write_text(json.dumps(dict(fingerprint), indent=2, sort_keys=True))
         # The old fingerprint goes first: from here until the new one lands the bank reads as
         # incomplete, never as a complete bank with mismatched parts.
         p.json.unlink(missing_ok=True)
-        os.replace(self._tmp_npz, p.npz)
-        os.replace(tmp_csv, p.csv)
+        for final, tmp in self._tmp.items():
+            if final != p.json:
+                os.replace(tmp, final)
         os.replace(tmp_json, p.json)
+        self._tmp.clear()
         self.close()
 
     def close(self) -> None:
         """Drop temporary files (safe to call twice)."""
-        self._early.clear()
-        try:
-            self._stream.close()
-            self._zip.close()
-        except (OSError, ValueError):
-            pass  # already closed, or the disk failed: the file is removed anyway
-        self._tmp_npz.unlink(missing_ok=True)
-        for x in (self.paths.csv, self.paths.json):
-            x.with_name(f".{x.name}.tmp").unlink(missing_ok=True)
+        self._early = {}
+        for f in self._files:
+            try:
+                f.close()
+            except OSError:
+                pass  # the disk failed: the file is removed anyway
+        for tmp in self._tmp.values():
+            tmp.unlink(missing_ok=True)
+        self._tmp.clear()
 
     def __enter__(self) -> BankWriter:
         return self
@@ -203,52 +311,63 @@ class BankWriter:
         self.close()
 
 
-def load_bank(
-    banks_dir: Path,
-    backbone: str,
-    category: str,
-    split: str,
-    expect: Mapping[str, Any] | None = None,
-) -> Bank:
-    """Load one bank; with ``expect``, refuse it unless those fingerprint entries match."""
-    paths = BankPaths.of(banks_dir, backbone, category, split)
-    fingerprint = read_fingerprint(paths)
-    if fingerprint is None:
-        raise BankError(
-            f"{paths.npz}: no complete {split} bank for {backbone}/{category}; run "
-            f"`python scripts/extract.py --backbone {backbone} --category {category}` first"
-        )
-    if expect is not None:
-        diff = fingerprint_diff({k: fingerprint.get(k) for k in expect}, expect)
+def find_tags(banks_dir: Path, backbone: str, category: str) -> list[str]:
+    """Tags of the complete-looking test banks of ``backbone``/``category`` (sorted)."""
+    root = Path(banks_dir) / backbone
+    tags = sorted(p.parent.parent.name for p in root.glob(f"*/{category}/test.json"))
+    old = root / category / "test.json"
+    if old.is_file():
+        log.warning("%s: bank from an older patchbank (format 1) ignored; delete %s and "
+                    "re-extract", old, old.parent)
+    return tags
+
+
+def load_bank(banks_dir: Path, backbone: str, tag: str, category: str, split: str,
+              expect: Mapping[str, Any] | None = None) -> Bank:
+    """Load one bank (taps memory-mapped), refused with a one-line BankError when it is absent,
+    damaged, inconsistent with its folder, or (with ``expect``) built with other settings."""
+    paths = BankPaths.of(banks_dir, backbone, tag, category, split)
+    hint = f"re-run `python scripts/extract.py --backbone {backbone} --category {category} " \
+           f"--banks-dir {banks_dir}`"
+    fp = read_fingerprint(paths)
+    if fp is None:
+        state = "unreadable" if paths.json.exists() else "missing"
+        raise BankError(f"{paths.json}: {split} bank {state}; {hint} (with --overwrite)")
+    problems = check_fingerprint(fp, paths)
+    if not problems:
+        where = {"backbone": backbone, "category": category, "tag": tag}
+        problems = fingerprint_diff({k: fp.get(k) for k in where}, where)
+        if problems:
+            problems = [f"the fingerprint does not belong in this folder ({'; '.join(problems)})"]
+    if not problems and expect is not None:
+        diff = fingerprint_diff({k: fp.get(k) for k in expect}, expect)
         if diff:
-            raise BankError(
-                f"{paths.json}: bank was built with another configuration ({'; '.join(diff)}); "
-                "re-extract it with the expected settings or point --banks-dir elsewhere"
-            )
+            problems = [f"built with another configuration ({'; '.join(diff)})"]
+    if problems:
+        raise BankError(f"{paths.json}: {'; '.join(problems)}; {hint} --overwrite")
+    n = fp["n_images"]
     try:
-        with np.load(paths.npz) as npz:
-            features = npz["features"]
+        taps = {t["layer"]: _open_tap(paths.tap(t["layer"]), (n, *t["shape"]))
+                for t in fp["taps"]}
         meta = pd.read_csv(paths.csv, keep_default_na=False, dtype={"mask_path": str})
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-        raise BankError(
-            f"{paths.npz}: unreadable bank ({err}); re-run extract with --overwrite"
-        ) from None
-    if list(meta.columns) != META_COLUMNS or len(meta) != len(features):
-        raise BankError(
-            f"{paths.csv}: does not match {paths.npz.name} ({len(meta)} rows vs "
-            f"{len(features)} grids); re-run extract with --overwrite"
-        )
-    return Bank(features=features, meta=meta, fingerprint=fingerprint)
+    except (OSError, ValueError, EOFError) as err:
+        raise BankError(f"{paths.describe()}: unreadable bank ({str(err).splitlines()[0]}); "
+                        f"{hint} --overwrite") from None
+    if list(meta.columns) != META_COLUMNS or len(meta) != n:
+        raise BankError(f"{paths.csv}: does not match the bank ({len(meta)} rows for {n} "
+                        f"images); {hint} --overwrite")
+    return Bank(taps=taps, meta=meta, fingerprint=fp)
 
 
-def load_pair(banks_dir: Path, backbone: str, category: str) -> tuple[Bank, Bank]:
+def load_pair(banks_dir: Path, backbone: str, tag: str, category: str) -> tuple[Bank, Bank]:
     """Train and test banks of one category, refused unless built with one configuration."""
-    train = load_bank(banks_dir, backbone, category, "train")
-    test = load_bank(banks_dir, backbone, category, "test")
+    train = load_bank(banks_dir, backbone, tag, category, "train")
+    test = load_bank(banks_dir, backbone, tag, category, "test")
     diff = fingerprint_diff(config_of(test.fingerprint), config_of(train.fingerprint))
     if diff:
         raise BankError(
-            f"{BankPaths.of(banks_dir, backbone, category, 'test').json}: test bank was built "
-            f"differently from the train bank ({'; '.join(diff)}); re-extract both"
+            f"{BankPaths.of(banks_dir, backbone, tag, category, 'test').json}: test bank was "
+            f"built differently from the train bank ({'; '.join(diff)}); re-extract both with "
+            "--overwrite"
         )
     return train, test
