@@ -65,8 +65,8 @@ def _one_line_naming(err: pytest.ExceptionInfo, path: Path) -> str:
 
 
 def test_discover_demo_counts_labels_masks_and_order(demo_root: Path) -> None:
-    assert list_categories(demo_root) == ["demo_object", "demo_texture"]
-    for cat in list_categories(demo_root):
+    assert list_categories(demo_root) == ["demo_crack", "demo_object", "demo_texture"]
+    for cat in ["demo_object", "demo_texture"]:  # square RGB ones (demo_crack: test_demo.py)
         assert has_masks(demo_root, cat)
         train = discover(demo_root, cat, "train")
         assert len(train) == N_TRAIN
@@ -101,7 +101,7 @@ def test_discover_demo_counts_labels_masks_and_order(demo_root: Path) -> None:
 
 
 def test_resolve_categories(demo_root: Path) -> None:
-    assert resolve_categories(demo_root, "all") == ["demo_object", "demo_texture"]
+    assert resolve_categories(demo_root, "all") == ["demo_crack", "demo_object", "demo_texture"]
     assert resolve_categories(demo_root, "demo_texture") == ["demo_texture"]
     assert resolve_categories(demo_root, " demo_texture, demo_object,demo_texture") == [
         "demo_texture",
