@@ -3,7 +3,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 ARGS ?=
 
-.PHONY: run test lint bench
+.PHONY: run test lint bench bench-quality
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
@@ -21,3 +21,6 @@ bench: $(STAMP)
 	$(PY) scripts/bench_extract.py
 	$(PY) scripts/bench_score.py
 	$(PY) scripts/bench_metrics.py
+
+bench-quality: $(STAMP)
+	$(PY) scripts/bench_quality.py
