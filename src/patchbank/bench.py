@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from patchbank.data.mvtec import discover
+from patchbank.features.spec import ExtractSpec
 from patchbank.stages.extract import ExtractConfig, Extractor, default_workers, fingerprint
 from patchbank.store.banks import BankPaths
 from patchbank.store.imagecache import ImageCache
@@ -30,17 +31,18 @@ def bench_extract(data_root: Path, category: str, backbone: str, n_images: int =
     interleaved ``repeats`` times and the best of each reported (timings here are noisy).
     """
     samples = discover(data_root, category, "train")[:n_images]
-    ext = Extractor(ExtractConfig(backbone, weights=weights, batch_size=batch_size))
-    fp = fingerprint(ext.info, ext.preprocess, samples, data_root, category, "train")
+    ext = Extractor(ExtractConfig(ExtractSpec(backbone, weights=weights), batch_size=batch_size))
+    fp = fingerprint(ext.spec, ext.info, ext.preprocess, samples, data_root, category, "train")
+    tag = ext.spec.tag()
     times: dict[str, list[float]] = {"cold": [], "warm": [], "bare": []}
     with tempfile.TemporaryDirectory() as tmp:
-        ext._extract(samples[:batch_size], BankPaths.of(Path(tmp), "warm-up", category, "train"),
-                     fp, "warm-up")
+        warm_up = BankPaths.of(Path(tmp), "warm-up", tag, category, "train")
+        ext._extract(samples[:batch_size], warm_up, fp, "warm-up")
         for r in range(repeats):
             cache = ImageCache.of(Path(tmp, f"cache{r}"), data_root, samples,
                                   ext.preprocess.image_size)
             for run in ("cold", "warm"):
-                paths = BankPaths.of(Path(tmp, f"{run}{r}"), backbone, category, "train")
+                paths = BankPaths.of(Path(tmp, f"{run}{r}"), backbone, tag, category, "train")
                 t0 = time.perf_counter()
                 ext._extract(samples, paths, fp, f"{backbone} {run}", cache)
                 times[run].append(time.perf_counter() - t0)
@@ -50,7 +52,7 @@ def bench_extract(data_root: Path, category: str, backbone: str, n_images: int =
             with torch.inference_mode():
                 t0 = time.perf_counter()
                 for x in batches:
-                    ext.model(x)
+                    ext.model.grids(x)
                 times["bare"].append(time.perf_counter() - t0)
     n = len(samples)
     cold, warm, bare = (min(times[k]) for k in ("cold", "warm", "bare"))
@@ -63,19 +65,21 @@ def bench_score(banks_dir: Path, backbone: str, category: str,
                 methods: list[str]) -> list[dict[str, float]]:
     """Fit and score seconds of each method on one category's banks (one fit, no hold-out)."""
     from patchbank.scorers import make_scorer
+    from patchbank.stages.score import resolve_tag
     from patchbank.store.banks import load_pair
 
-    train, test = load_pair(banks_dir, backbone, category)
+    train, test = load_pair(banks_dir, backbone, resolve_tag(banks_dir, backbone, category),
+                            category)
     rows = []
     for method in methods:
         scorer = make_scorer(method)
         t0 = time.perf_counter()
-        scorer.fit(train.features)
+        scorer.fit(train.taps)
         fit = time.perf_counter() - t0
         t0 = time.perf_counter()
-        scorer.score(test.features)
+        scorer.score(test.taps)
         rows.append({"method": method, "fit_s": fit, "score_s": time.perf_counter() - t0,
-                     "n_train": len(train.features), "n_test": len(test.features)})
+                     "n_train": len(train), "n_test": len(test)})
         log.info("%s: fit %.2f s, score %.2f s", method, fit, rows[-1]["score_s"])
     return rows
 
@@ -90,10 +94,12 @@ def fit_peak_memory(banks_dir: Path, backbone: str, category: str, method: str,
     import tracemalloc
 
     from patchbank.scorers import make_scorer
+    from patchbank.stages.score import resolve_tag
     from patchbank.store.banks import load_bank
 
-    train = load_bank(banks_dir, backbone, category, "train").features
-    bank = np.concatenate([train] * copies)
+    tag = resolve_tag(banks_dir, backbone, category)
+    train = load_bank(banks_dir, backbone, tag, category, "train").taps
+    bank = {k: np.concatenate([v] * copies) for k, v in train.items()}
     scorer = make_scorer(method, device="cpu")
     tracemalloc.start()
     t0 = time.perf_counter()
@@ -101,7 +107,8 @@ def fit_peak_memory(banks_dir: Path, backbone: str, category: str, method: str,
     seconds = time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return {"method": method, "n_train": len(bank), "bank_mib": bank.nbytes / 2**20,
+    return {"method": method, "n_train": len(next(iter(bank.values()))),
+            "bank_mib": sum(v.nbytes for v in bank.values()) / 2**20,
             "fit_peak_mib": peak / 2**20, "fit_s": seconds}
 
 

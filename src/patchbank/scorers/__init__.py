@@ -6,9 +6,16 @@
 
 from __future__ import annotations
 
+import json
+import zipfile
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
-from patchbank.scorers.base import PooledScorer, Scorer
+import numpy as np
+
+from patchbank.core.errors import ScoresError
+from patchbank.scorers.base import MODEL_FORMAT, PooledScorer, Scorer
 from patchbank.scorers.classical import (
     EllipticScorer,
     IForestScorer,
@@ -41,4 +48,26 @@ def make_scorer(name: str, params: Mapping[str, str | int | float | bool | None]
     return SCORERS[name](device=device, **dict(params or {}))
 
 
-__all__ = ["SCORERS", "PooledScorer", "Scorer", "make_scorer"]
+def load_scorer(path: Path, device: str = "auto") -> Scorer:
+    """A fitted scorer read back from :meth:`Scorer.save` (arrays only, ``allow_pickle=False``);
+    a missing, damaged or foreign file raises one-line ScoresError naming it."""
+    hint = "re-score the run with --overwrite"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta: Any = json.loads(bytes(z["__meta__"]).decode())
+            arrays = {k: z[k] for k in z.files if k != "__meta__"}
+    except FileNotFoundError:
+        raise ScoresError(f"{path}: no saved model; {hint}") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise ScoresError(f"{path}: unreadable model ({str(err).splitlines()[0]}); {hint}") \
+            from None
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT or \
+            meta.get("method") not in SCORERS:
+        raise ScoresError(f"{path}: not a patchbank model of format {MODEL_FORMAT}; {hint}")
+    try:
+        return make_scorer(meta["method"], meta["params"], device).restore(meta, arrays)
+    except (KeyError, ValueError, TypeError) as err:
+        raise ScoresError(f"{path}: inconsistent model ({err}); {hint}") from None
+
+
+__all__ = ["SCORERS", "PooledScorer", "Scorer", "load_scorer", "make_scorer"]

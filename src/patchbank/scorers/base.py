@@ -10,16 +10,19 @@ backbone).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from patchbank.core.atomic import atomic_open
 from patchbank.core.device import resolve_device as _resolve_device
 from patchbank.core.errors import BankError
 
@@ -117,6 +120,8 @@ def check_bank(bank: Any, role: str, grid: tuple[int, int, int] | None = None) -
 
 
 Taps = Mapping[int, np.ndarray] | Sequence[np.ndarray] | np.ndarray
+#: version of the fitted-model file written by :meth:`Scorer.save`.
+MODEL_FORMAT = 1
 #: input bytes per batch of images when aligning taps.
 ALIGN_BYTES = 64 << 20
 
@@ -297,6 +302,34 @@ class Scorer(ABC):
             maps = np.asarray(maps, dtype=np.float32).reshape(n, h, w)
         return scores, maps
 
+    def save(self, path: Path) -> int:
+        """Write the fitted state to ``path`` (an ``.npz`` of plain arrays plus a JSON header;
+        no pickle), through a temporary file and a rename. Returns the bytes written."""
+        if self._shapes is None:
+            raise RuntimeError(f"{self.name}: call fit() before save()")
+        meta = {"format": MODEL_FORMAT, "method": self.name, "params": self.params,
+                "layers": list(self.layers_), "shapes": [list(s) for s in self._shapes]}
+        arrays = {k: np.asarray(v) for k, v in self._state().items()}
+        header = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        with atomic_open(path) as f:
+            np.savez(f, __meta__=header, **arrays)
+        return Path(path).stat().st_size
+
+    def restore(self, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Self:
+        """Set the fitted state read back from :meth:`save` (see ``scorers.load_scorer``)."""
+        self.layers_ = tuple(int(x) for x in meta["layers"])
+        self._shapes = [tuple(int(v) for v in s) for s in meta["shapes"]]
+        self._set_state(arrays)
+        return self
+
+    @abstractmethod
+    def _state(self) -> dict[str, np.ndarray]:
+        """Arrays that fully determine the fitted model."""
+
+    @abstractmethod
+    def _set_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Rebuild the fitted model from :meth:`_state`'s arrays."""
+
     @abstractmethod
     def _fit(self, train: np.ndarray) -> None:
         """Fit on a checked train bank."""
@@ -312,7 +345,17 @@ class PooledScorer(Scorer):
     pixel_level: ClassVar[bool] = False
 
     def _fit(self, train: np.ndarray) -> None:
-        self._fit_pooled(pooled(train))
+        self._z = pooled(train)
+        self._fit_pooled(self._z)
+
+    def _state(self) -> dict[str, np.ndarray]:
+        # The estimators are seeded functions of the pooled train features: saving those
+        # (a few hundred x C floats) and refitting on load rebuilds the same model, no pickle.
+        return {"pooled_train": self._z}
+
+    def _set_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self._z = np.asarray(arrays["pooled_train"], dtype=np.float64)
+        self._fit_pooled(self._z)
 
     def _score(self, test: np.ndarray) -> tuple[np.ndarray, None]:
         return self._score_pooled(pooled(test)), None

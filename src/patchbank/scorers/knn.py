@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -44,7 +45,14 @@ class KNNScorer(Scorer):
     def _fit(self, train: np.ndarray) -> None:
         vectors = train.reshape(-1, train.shape[-1]) if self.pixel_level else pooled(train)
         self._check_k(len(vectors))
-        self._index = FlatIndex(vectors, self.params["metric"], self.device)
+        self._set_state({"vectors": vectors})
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return {"vectors": self._vectors}
+
+    def _set_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self._vectors = arrays["vectors"]
+        self._index = FlatIndex(self._vectors, self.params["metric"], self.device)
 
     def _check_k(self, n: int) -> None:
         if self.params["k"] > n:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -139,8 +139,16 @@ class PatchCoreScorer(Scorer):
         idx = coreset_indices(feats, n, self.params["proj_dim"], self.params["seed"],
                               self.device)
         self.coreset_idx_ = idx
-        self.memory_bank_ = feats[idx]
+        memory = feats[idx]
         del feats
+        self._set_state({"memory_bank": memory, "coreset_idx": idx})
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return {"memory_bank": self.memory_bank_, "coreset_idx": self.coreset_idx_}
+
+    def _set_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self.memory_bank_ = np.asarray(arrays["memory_bank"], dtype=np.float32)
+        self.coreset_idx_ = np.asarray(arrays["coreset_idx"])
         self._index = FlatIndex(self.memory_bank_, "l2", self.device)
 
     def _score(self, test: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -3,6 +3,7 @@ nearest training images."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -26,9 +27,16 @@ class SPADEScorer(Scorer):
         self._require(self.params["k_images"] >= 1, "k_images", ">= 1")
         self._require(self.params["k"] >= 1, "k", ">= 1")
 
+    def _state(self) -> dict[str, np.ndarray]:
+        return {"train": self._train}
+
+    def _set_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self._train = arrays["train"]
+        self._image_index = FlatIndex(pooled(self._train), "l2", self.device)
+
     def _fit(self, train: np.ndarray) -> None:
-        self._train = train  # patches are gathered per test image at score time (no copy)
-        self._image_index = FlatIndex(pooled(train), "l2", self.device)
+        # patches are gathered per test image at score time (no copy)
+        self._set_state({"train": train})
         k_img = min(self.params["k_images"], len(train))
         patches = k_img * train.shape[1] * train.shape[2]
         if self.params["k"] > patches:

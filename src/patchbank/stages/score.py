@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 #: run.json keys that decide whether an existing run can be reused.
 RUN_KEYS = ("method", "params", "holdout", "seed", "banks", "patchbank_version")
+#: the fitted scorer, saved beside run.json (see ``Scorer.save``).
+MODEL_FILE = "model.npz"
 
 
 def resolve_tag(banks_dir: Path, backbone: str, category: str, tag: str | None = None) -> str:
@@ -134,17 +136,23 @@ def score_category(
     except ValueError as err:
         raise PatchbankError(f"--method {method}: {err}") from None
     score_s = time.perf_counter() - t0
+    # The old run stops counting as complete before its model is replaced.
+    paths.run_json.unlink(missing_ok=True)
+    paths.folder.mkdir(parents=True, exist_ok=True)
+    model_bytes = scorer.save(paths.folder / MODEL_FILE)
     log.info("%s %s/%s: fit %.1f s, score %.1f s", method, backbone, category, fit_s, score_s)
 
-    train_scores = None
+    train_scores, holdout_s = None, None
     fit_idx, out_idx = holdout_split(len(train), holdout, seed)
     if len(out_idx):
+        t0 = time.perf_counter()
         held = make_scorer(method, scorer.params, device=device).fit(
             {k: v[fit_idx] for k, v in train.taps.items()})
         held_scores, _ = held.score({k: v[out_idx] for k, v in train.taps.items()})
         train_scores = pd.DataFrame(
             {"path": train.meta["path"].to_numpy()[out_idx], "score": held_scores}
         )
+        holdout_s = round(time.perf_counter() - t0, 3)
 
     meta = test.meta
     table = pd.DataFrame({
@@ -168,6 +176,8 @@ def score_category(
         "n_test": len(test),
         "fit_s": round(fit_s, 3),
         "score_s": round(score_s, 3),
+        "holdout_fit_score_s": holdout_s,
+        "model": {"file": MODEL_FILE, "bytes": model_bytes},
     })
     write_run(paths, table, maps, train_scores, info)
     return name, status
