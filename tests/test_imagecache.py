@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,16 +12,27 @@ import numpy as np
 import pytest
 
 import patchbank.data.mvtec
+from patchbank.core.atomic import hostname
 from patchbank.data.demo import make_demo_dataset
 from patchbank.data.mvtec import discover, load_image
 from patchbank.features.preprocess import Preprocess
+from patchbank.features.spec import ExtractSpec
 from patchbank.stages.extract import IMAGE_CACHE_DIR, ExtractConfig, Extractor
 from patchbank.store.banks import load_bank
 from patchbank.store.imagecache import ImageCache
 
-SMALL = ExtractConfig("efficientnet_lite0", weights="random", image_size=64, batch_size=4,
-                      num_workers=1)
+SPEC = ExtractSpec("efficientnet_lite0", weights="random", image_size=64)
+SMALL = ExtractConfig(SPEC, batch_size=4, num_workers=1)
 CATEGORY = "demo_texture"
+
+
+def with_spec(config: ExtractConfig, **changes) -> ExtractConfig:
+    return replace(config, spec=replace(config.spec, **changes))
+
+
+def bank(banks: Path, config: ExtractConfig, split: str):
+    spec = config.spec
+    return load_bank(banks, spec.backbone, spec.tag(), CATEGORY, split)
 
 
 @pytest.fixture
@@ -47,7 +59,7 @@ def test_cache_holds_the_resized_images_in_bank_order(demo: Path, tmp_path: Path
         assert cache.npy == tmp_path / "_imagecache" / CATEGORY / f"{split}-64px.npy"
         pixels = cache.load()
         samples = discover(demo, CATEGORY, split)
-        meta = load_bank(tmp_path, "efficientnet_lite0", CATEGORY, split).meta
+        meta = bank(tmp_path, SMALL, split).meta
         assert meta["path"].tolist() == [str(s.path) for s in samples]
         assert pixels.shape == (len(samples), 64, 64, 3) and pixels.dtype == np.uint8
         resize = Preprocess(64, (0.5,) * 3, (0.5,) * 3).resize
@@ -65,16 +77,17 @@ def test_second_backbone_reads_the_cache_and_gets_identical_banks(
     assert not (uncached / IMAGE_CACHE_DIR).exists()
 
     cached = tmp_path / "cached"
-    Extractor(replace(SMALL, backbone="resnet18")).run(demo, CATEGORY, cached)  # fills it
+    Extractor(with_spec(SMALL, backbone="resnet18")).run(demo, CATEGORY, cached)  # fills it
     _no_decoding(monkeypatch)
     with caplog.at_level("INFO", logger="patchbank.stages.extract"):
         done = Extractor(SMALL).run(demo, CATEGORY, cached)
     assert done == {"train": "built", "test": "built"}
     assert caplog.text.count("read from the cache") == 2
     for split in ("train", "test"):
-        a = load_bank(uncached, "efficientnet_lite0", CATEGORY, split)
-        b = load_bank(cached, "efficientnet_lite0", CATEGORY, split)
-        np.testing.assert_array_equal(a.features, b.features)
+        a, b = bank(uncached, SMALL, split), bank(cached, SMALL, split)
+        assert a.layers == b.layers
+        for layer in a.layers:
+            np.testing.assert_array_equal(a.taps[layer], b.taps[layer])
         assert a.fingerprint == b.fingerprint  # the cache is not part of the bank's identity
 
 
@@ -83,10 +96,12 @@ def test_crop_and_normalisation_reuse_the_same_pixels(
 ) -> None:
     Extractor(SMALL).run(demo, CATEGORY, tmp_path)
     _no_decoding(monkeypatch)
-    ext = Extractor(replace(SMALL, crop=48, normalize="imagenet"))
-    assert ext.run(demo, CATEGORY, tmp_path) == {"train": "rebuilt", "test": "rebuilt"}
-    bank = load_bank(tmp_path, "efficientnet_lite0", CATEGORY, "train")
-    assert bank.features.shape[1:3] == (6, 6)  # 48 px crop -> stride-8 grid
+    cropped = with_spec(SMALL, crop=48, normalize="imagenet")
+    assert Extractor(cropped).run(demo, CATEGORY, tmp_path) == {"train": "built",
+                                                               "test": "built"}
+    # the model sees 48 px instead of 64: every grid shrinks by 3/4 (same pixels, cropped)
+    full, crop = bank(tmp_path, SMALL, "train"), bank(tmp_path, cropped, "train")
+    assert crop.grid == tuple(g * 48 // 64 for g in full.grid) and crop.grid[0] > 0
 
 
 def test_changed_image_or_size_is_not_served_from_the_cache(demo: Path, tmp_path: Path,
@@ -105,7 +120,7 @@ def test_changed_image_or_size_is_not_served_from_the_cache(demo: Path, tmp_path
     assert pixels is not None and (pixels[2, :10] == 255).all()  # the new content
 
     # another image size has its own cache file; both stay valid
-    Extractor(replace(SMALL, image_size=32)).run(demo, CATEGORY, tmp_path)
+    Extractor(with_spec(SMALL, image_size=32)).run(demo, CATEGORY, tmp_path)
     assert _cache(demo, tmp_path, size=32).load().shape[1:] == (32, 32, 3)
     assert _cache(demo, tmp_path, size=64).load() is not None
 
@@ -124,11 +139,23 @@ def test_unfinished_or_corrupt_cache_is_never_used(demo: Path, tmp_path: Path, c
     assert not cache.npy.exists() and not cache.json.exists() and cache.load() is None
     assert list(cache.npy.parent.iterdir()) == []
 
-    # a temporary file left by a dead process is swept by the next writer
-    dead = cache.npy.with_name(f".{cache.npy.stem}.999999999.npy")
-    dead.write_bytes(b"partial")
+    # temporaries of dead writers are swept by the next writer: on this host when the
+    # process is gone, from another host (or an older patchbank) only after a day
+    folder = cache.npy.parent
+    dead = folder / f".{cache.npy.name}.{hostname()}.999999999.0a0b.tmp"
+    mine = folder / f".{cache.npy.name}.{hostname()}.{os.getpid()}.0a0b.tmp"
+    other_new = folder / f".{cache.npy.name}.not-{hostname()}.1.0a0b.tmp"
+    other_old = folder / f".{cache.json.name}.not-{hostname()}.2.0a0b.tmp"
+    legacy_old = folder / f".{cache.npy.stem}.4242.npy"
+    for p in (dead, mine, other_new, other_old, legacy_old):
+        p.write_bytes(b"partial")
+    day_ago = time.time() - 25 * 3600
+    for p in (other_old, legacy_old):
+        os.utime(p, (day_ago, day_ago))
     Extractor(SMALL).run(demo, CATEGORY, tmp_path)
-    assert not dead.exists() and cache.load() is not None
+    assert cache.load() is not None
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == \
+        sorted([mine.name, other_new.name])
 
     cache.npy.write_bytes(cache.npy.read_bytes()[:1000])  # truncated
     with caplog.at_level("WARNING", logger="patchbank.store.imagecache"):

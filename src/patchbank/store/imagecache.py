@@ -9,15 +9,15 @@ layers, another normalisation) read them instead of the PNGs:
 - ``<cache_dir>/<category>/<split>-<size>px.json`` — the key: image size, resize method, format,
   the images' relative paths in order and a hash of their sizes and mtimes.
 
-The JSON is written last and both files go through a temporary name and a rename, so a killed
-run leaves no cache that looks complete; a cache whose key differs is rebuilt, never reused.
+The JSON is written last and both files go through a temporary name and a rename
+(:mod:`patchbank.core.atomic`), so a killed run leaves no cache that looks complete; a cache whose
+key differs is rebuilt, never reused.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from patchbank.core.atomic import AtomicFile, sweep_stale_temporaries
 from patchbank.data.mvtec import Sample, files_hash, relative_path
-from patchbank.store.banks import fingerprint_diff, sweep_temporaries
+from patchbank.store.banks import fingerprint_diff
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +96,16 @@ class CacheWriter:
         self.cache = cache
         n, image_size = len(cache.key["paths"]), int(cache.key["image_size"])
         cache.npy.parent.mkdir(parents=True, exist_ok=True)
-        sweep_temporaries(cache.npy.parent, f".{cache.npy.stem}.*.npy")
-        self._tmp = cache.npy.with_name(f".{cache.npy.stem}.{os.getpid()}.npy")
-        self._pixels = np.lib.format.open_memmap(
-            self._tmp, mode="w+", dtype=np.uint8, shape=(n, image_size, image_size, 3)
-        )
+        # temporaries of dead writers, and of writers before patchbank.core.atomic (by age)
+        sweep_stale_temporaries(cache.npy.parent, extra_patterns=[f".{cache.npy.stem}.*.npy"])
+        self._npy = AtomicFile(cache.npy)
+        try:
+            self._pixels = np.lib.format.open_memmap(
+                self._npy.tmp, mode="w+", dtype=np.uint8, shape=(n, image_size, image_size, 3)
+            )
+        except BaseException:
+            self._npy.discard()
+            raise
         self._filled = np.zeros(n, dtype=bool)
 
     def write(self, indices: np.ndarray, pixels: np.ndarray) -> None:
@@ -112,26 +118,25 @@ class CacheWriter:
         if not self._filled.all():
             self.close()
             return
-        self._pixels.flush()
-        del self._pixels
-        tmp_json = self.cache.json.with_name(f".{self.cache.json.name}.{os.getpid()}.tmp")
         try:
-            tmp_json.write_text(json.dumps(dict(self.cache.key)))
-            self.cache.json.unlink(missing_ok=True)
-            os.replace(self._tmp, self.cache.npy)
-            os.replace(tmp_json, self.cache.json)
+            self._pixels.flush()
+            del self._pixels
+            with AtomicFile(self.cache.json) as key:
+                key.tmp.write_text(json.dumps(dict(self.cache.key)))
+                self.cache.json.unlink(missing_ok=True)
+                self._npy.commit()
+                key.commit()
         except OSError as err:  # the cache only saves time: never fail the extraction over it
             log.warning("%s: could not write the image cache (%s)", self.cache.npy, err)
-            tmp_json.unlink(missing_ok=True)
             self.close()
             return
         log.info("%s: cached %d resized images", self.cache.npy, len(self._filled))
 
     def close(self) -> None:
-        """Drop the temporary file (safe to call twice)."""
+        """Drop the temporary file (safe to call twice; a no-op after commit)."""
         if hasattr(self, "_pixels"):
             del self._pixels
-        self._tmp.unlink(missing_ok=True)
+        self._npy.discard()
 
     def __enter__(self) -> CacheWriter:
         return self

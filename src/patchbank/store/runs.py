@@ -10,13 +10,15 @@ One method run on one category lives in ``<scores_dir>/<backbone>/<method>/<cate
   threshold; absent when hold-out is disabled);
 - ``run.json`` — method, resolved parameters, the fingerprints of the banks read, model input
   size, map smoothing sigma, fit and score seconds. Written last: a run is complete when it
-  exists, and is reused only when its configuration matches.
+  exists, and is reused only when its configuration matches;
+- ``metrics.json`` — written by the evaluate stage (see :mod:`patchbank.stages.evaluate`).
+
+Every file goes through a temporary name and a rename (:mod:`patchbank.core.atomic`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +27,32 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from patchbank.core.atomic import (
+    atomic_open,
+    atomic_path,
+    atomic_write_text,
+    sweep_stale_temporaries,
+)
 from patchbank.core.errors import ScoresError
 
 SCORE_COLUMNS = ["path", "defect_type", "label", "score", "mask_path", "height", "width"]
+#: run.json keys that place a pixel-level run's maps on the images (numbers; ``crop`` optional).
+MAP_KEYS = ("map_sigma", "input_size", "image_size")
+
+
+def map_info_problems(info: Mapping[str, Any]) -> list[str]:
+    """What keeps ``info`` from placing maps on images (empty when it is well-formed)."""
+    problems = []
+    for key in MAP_KEYS:
+        value = info.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            problems.append(f"{key} missing" if value is None else f"{key} = {value!r}")
+        elif not (value >= 0 if key == "map_sigma" else value > 0):  # NaN fails both
+            problems.append(f"{key} = {value!r}")
+    crop = info.get("crop")
+    if crop is not None and (isinstance(crop, bool) or not isinstance(crop, int) or crop <= 0):
+        problems.append(f"crop = {crop!r}")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -56,6 +81,11 @@ class RunPaths:
     def run_json(self) -> Path:
         return self.folder / "run.json"
 
+    @property
+    def metrics_json(self) -> Path:
+        """The evaluate stage's per-category result (see :mod:`patchbank.stages.evaluate`)."""
+        return self.folder / "metrics.json"
+
 
 @dataclass
 class ScoreRun:
@@ -65,12 +95,6 @@ class ScoreRun:
     maps: np.ndarray | None
     train_scores: np.ndarray | None
     info: dict[str, Any]
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def write_run(
@@ -86,19 +110,21 @@ def write_run(
     if maps is not None and len(maps) != len(scores):
         raise ValueError("one map per scored image expected")
     paths.folder.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temporaries(paths.folder)
     paths.run_json.unlink(missing_ok=True)
-    _atomic_write(paths.image_scores, lambda p: scores.to_csv(p, index=False))
+    with atomic_path(paths.image_scores) as tmp:
+        scores.to_csv(tmp, index=False)
     if maps is not None:
-        with open(paths.maps.with_name(".maps.npz.tmp"), "wb") as f:
+        with atomic_open(paths.maps) as f:
             np.savez(f, maps=maps.astype(np.float32, copy=False))
-        os.replace(paths.maps.with_name(".maps.npz.tmp"), paths.maps)
     else:
         paths.maps.unlink(missing_ok=True)
     if train_scores is not None:
-        _atomic_write(paths.train_scores, lambda p: train_scores.to_csv(p, index=False))
+        with atomic_path(paths.train_scores) as tmp:
+            train_scores.to_csv(tmp, index=False)
     else:
         paths.train_scores.unlink(missing_ok=True)
-    _atomic_write(paths.run_json, lambda p: p.write_text(json.dumps(dict(info), indent=2)))
+    atomic_write_text(paths.run_json, json.dumps(dict(info), indent=2))
 
 
 def read_run_info(paths: RunPaths) -> dict[str, Any] | None:
@@ -136,4 +162,8 @@ def load_run(paths: RunPaths) -> ScoreRun:
         ) from None
     if list(scores.columns) != SCORE_COLUMNS or (maps is not None and len(maps) != len(scores)):
         raise ScoresError(f"{paths.image_scores}: malformed; re-score with --overwrite")
+    problems = map_info_problems(info) if maps is not None else []
+    if problems:
+        raise ScoresError(f"{paths.run_json}: malformed pixel-level run ({', '.join(problems)}); "
+                          "re-score with --overwrite")
     return ScoreRun(scores=scores, maps=maps, train_scores=train, info=info)
