@@ -10,9 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from scipy.ndimage import gaussian_filter
 
+from patchbank.core.errors import ScoresError
 from patchbank.data.demo import make_demo_dataset
-from patchbank.data.mvtec import discover, load_mask
+from patchbank.data.mvtec import discover, load_image, load_mask
 from patchbank.evaluation.figures import (
     heatmap_triplet,
     load_example,
@@ -22,6 +24,7 @@ from patchbank.evaluation.figures import (
     score_histogram,
     write_category_figures,
 )
+from patchbank.stages.evaluate import masks_and_maps
 from patchbank.store.runs import SCORE_COLUMNS, ScoreRun
 
 GRID = 8
@@ -224,3 +227,63 @@ def test_load_example_sizes_and_peak_on_defect(demo_root: Path) -> None:
     cropped = synthetic_run(demo_root, "demo_object", crop=48)
     image, heat, mask = load_example(cropped, best, "demo_object")
     assert image.shape == (72, 72, 3) and heat.shape == mask.shape == (72, 72)
+
+
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of 1-D bilinear resizing, align_corners=False (no torch)."""
+    x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    lo = np.floor(x).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    w = np.zeros((n_out, n_in))
+    np.add.at(w, (np.arange(n_out), lo), 1 - (x - lo))
+    np.add.at(w, (np.arange(n_out), hi), x - lo)
+    return w
+
+
+@pytest.mark.parametrize(("crop", "max_side", "box", "shape", "sigma"), [
+    (None, 48, slice(0, 96), 48, 4.0 * 48 / 64),  # whole image, shown at 48 px
+    (None, 512, slice(0, 96), 96, 4.0 * 96 / 64),  # never enlarged
+    (48, 512, slice(12, 84), 72, 4.0 * 72 / 48),  # crop 48 of 64 px = the middle 72 of 96 px
+])
+def test_load_example_matches_a_hand_computed_geometry(demo_root: Path, crop, max_side, box,
+                                                       shape, sigma) -> None:
+    run = synthetic_run(demo_root, "demo_object", crop=crop)
+    best = pick_examples(run.scores)["best"][0]
+    image, heat, mask = load_example(run, best, "demo_object", max_side=max_side)
+    # the map: bilinear to the shown size, then sigma (4 px at model input) scaled to it
+    w = bilinear_matrix(GRID, shape)
+    expected = gaussian_filter(w @ run.maps[best].astype(np.float64) @ w.T, sigma,
+                               mode="nearest")
+    np.testing.assert_allclose(heat, expected, atol=1e-5)
+    original = np.asarray(load_image(run.scores["path"][best]))[box, box]
+    full_mask = load_mask(run.scores["mask_path"][best])[box, box]
+    if shape == box.stop - box.start:
+        np.testing.assert_array_equal(image, original)
+        np.testing.assert_array_equal(mask, full_mask)
+    else:  # 2x down: bilinear samples the middle of each 2x2 block, i.e. its mean
+        assert image.shape == (shape, shape, 3) and image.dtype == np.uint8
+        blocks = full_mask.reshape(shape, 2, shape, 2).mean(axis=(1, 3))
+        np.testing.assert_array_equal(mask, blocks >= 0.5)
+    assert mask[np.unravel_index(np.argmax(heat), heat.shape)]
+
+
+@pytest.mark.parametrize("crop", [None, 48])
+def test_figures_and_metrics_share_one_geometry(demo_root: Path, crop) -> None:
+    run = synthetic_run(demo_root, "demo_object", crop=crop)
+    masks, maps = masks_and_maps(run, "demo_object", eval_size=40)
+    for i in range(len(run.scores)):
+        _, heat, mask = load_example(run, i, "demo_object", max_side=40)
+        np.testing.assert_array_equal(heat, maps[i])
+        np.testing.assert_array_equal(mask if mask is not None else np.zeros_like(masks[i]),
+                                      masks[i])
+
+
+def test_run_without_map_sigma_is_malformed_for_figures_too(demo_root: Path,
+                                                            tmp_path: Path) -> None:
+    run = synthetic_run(demo_root, "demo_object")
+    del run.info["map_sigma"]
+    with pytest.raises(ScoresError, match="map_sigma missing"):
+        load_example(run, 0, "demo_object")
+    with pytest.raises(ScoresError, match="map_sigma missing"):
+        write_category_figures(run, "demo_object", tmp_path / "figs")
+    assert not list((tmp_path / "figs").glob(".*"))  # no temporaries left behind

@@ -53,17 +53,20 @@ def outputs_of(cell) -> tuple[str, int]:
 
 def test_notebook_executes_on_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from patchbank.data.demo import make_demo_dataset
+    from patchbank.features.spec import ExtractSpec
     from patchbank.stages.pipeline import run_pipeline
 
     data = make_demo_dataset(tmp_path / "demo", size=128, n_train=10, n_test_good=4,
                              n_test_defect=2)
     banks, scores = tmp_path / "featurebanks", tmp_path / "scores"
-    board = run_pipeline(data, CATEGORY, ("efficientnet_lite0",), METHODS, banks_dir=banks,
-                         scores_dir=scores, weights="random", image_size=64, device="cpu",
-                         figures=True)
-    assert sorted(board["method"]) == sorted(METHODS)
-    for method in METHODS:  # the evaluate stage drew this category's figures
-        figures = {p.name for p in (scores / "efficientnet_lite0" / method / "figures").iterdir()}
+    spec = ExtractSpec("efficientnet_lite0", weights="random", image_size=64)
+    board = run_pipeline(data, CATEGORY, [spec], METHODS, banks_dir=banks, scores_dir=scores,
+                         device="cpu", figures=True)
+    runs = sorted(p.name for p in (scores / "efficientnet_lite0").iterdir() if p.is_dir())
+    assert sorted(board["method"]) == runs and len(runs) == len(METHODS)
+    for run in runs:  # the evaluate stage drew this category's figures and wrote its metrics
+        assert (scores / "efficientnet_lite0" / run / CATEGORY / "metrics.json").is_file()
+        figures = {p.name for p in (scores / "efficientnet_lite0" / run / "figures").iterdir()}
         assert {f"{CATEGORY}_roc_pr.png", f"{CATEGORY}_hist.png"} <= figures
         assert any(name.startswith(f"{CATEGORY}_best_") for name in figures)
 
@@ -86,7 +89,7 @@ def test_notebook_executes_on_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     everything = "".join(t for t, _ in text.values())
     assert str(scores) in everything and f"efficientnet_lite0 / {CATEGORY}" in everything
     metrics_text = next(t for t, _ in text.values() if "image_auroc" in t)
-    assert all(m in metrics_text for m in METHODS)
+    assert all(r in metrics_text for r in runs)  # method names resolved to their run folders
     # triplets: best + worst (a miss and a false alarm) + 1 random, for each method
     triplet_images = [n for t, n in text.values() if n >= 4]
     assert triplet_images == [4, 4]

@@ -153,7 +153,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> None:
         cats = _categories(args, Path(args.scores_dir, args.backbone, args.method), "run.json",
                            "scripts/score.py")
         table = evaluate(args.scores_dir, args.backbone, args.method, cats, args.data_root,
-                         args.eval_size, figures=not args.no_figures)
+                         args.eval_size, figures=not args.no_figures, overwrite=args.overwrite)
         print(table[["category", "image_auroc", "pixel_auroc", "pro", "best_dice",
                      "overall_score"]].to_string(index=False, float_format="%.4f"))
         leaderboard(args.scores_dir)

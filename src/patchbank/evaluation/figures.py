@@ -1,6 +1,7 @@
 """Evaluate-stage pictures: heatmap triplets, ROC/PR curves and score histograms.
 
-Every function writes one PNG and returns its path. Figures are built on
+Every function writes one PNG (atomically: :mod:`patchbank.core.atomic`) and returns its path.
+Figures are built on
 :class:`matplotlib.figure.Figure` with an Agg canvas, never through ``pyplot``: nothing is
 registered in pyplot's global figure list (so memory does not grow over many categories, and
 each figure is cleared after saving) and the caller's backend — e.g. a notebook's inline
@@ -28,8 +29,11 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from patchbank.core.atomic import atomic_open
 from patchbank.core.errors import DatasetError
-from patchbank.evaluation.geometry import eval_sigma, upsample_map
+from patchbank.data.mvtec import load_image, load_mask
+from patchbank.evaluation import metrics
+from patchbank.evaluation.geometry import reroot, resize_mask, run_map
 from patchbank.store.runs import ScoreRun
 
 log = logging.getLogger(__name__)
@@ -47,11 +51,13 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` as PNG (folders created) and release its artists."""
+    """Write ``fig`` as PNG (folders created, atomically) and release its artists."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI, bbox_inches="tight")
-    fig.clear()
+    try:
+        with atomic_open(path) as f:
+            fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight")
+    finally:
+        fig.clear()
     return path
 
 
@@ -246,13 +252,10 @@ def load_example(run: ScoreRun, index: int, category: str, max_side: int = 512,
     """(image uint8, heatmap, mask or None) of test image ``index``, ready to draw.
 
     The image is cropped like the model input (``--crop``) and downscaled so its longer side is
-    at most ``max_side``; the map is upsampled to that size and smoothed with the method's sigma
-    scaled to it. Raises :class:`DatasetError` when the image cannot be read; a missing or
-    mismatched mask is logged and drawn as None.
+    at most ``max_side``; the map is placed on it by :func:`patchbank.evaluation.geometry.run_map`
+    (the same geometry as the metrics). Raises :class:`DatasetError` when the image cannot be
+    read; a missing or mismatched mask is logged and drawn as None.
     """
-    from patchbank.data.mvtec import load_image, load_mask  # stage modules import figures lazily
-    from patchbank.stages.evaluate import crop_box, eval_shape, reroot
-
     if run.maps is None:
         raise ValueError("run has no anomaly maps (image-level method)")
     row = run.scores.iloc[index]
@@ -265,18 +268,14 @@ def load_example(run: ScoreRun, index: int, category: str, max_side: int = 512,
             mask = load_mask(mask_path, size=(w, h))
         except DatasetError as err:
             log.warning("%s; drawing no ground truth", err)
-    info = run.info
-    ys, xs = crop_box(h, w, int(info["image_size"]), info.get("crop"))
+    heatmap, (ys, xs) = run_map(run, index, h, w, max_side)
     image = image[ys, xs]
-    mask = mask[ys, xs] if mask is not None else None
-    dh, dw = eval_shape(image.shape[0], image.shape[1], max_side)
+    dh, dw = heatmap.shape
     if (dh, dw) != image.shape[:2]:
         image = np.asarray(Image.fromarray(image).resize((dw, dh), Image.Resampling.BILINEAR,
                                                          reducing_gap=2.0))
-        if mask is not None:
-            mask = upsample_map(mask.astype(np.float32), (dh, dw)) >= 0.5
-    sigma = eval_sigma(info.get("map_sigma", 0.0), dh, int(info["input_size"]))
-    heatmap = upsample_map(run.maps[index], (dh, dw), sigma)
+    if mask is not None:
+        mask = resize_mask(mask[ys, xs], (dh, dw))
     return image, heatmap, mask
 
 
@@ -291,8 +290,6 @@ def write_category_figures(run: ScoreRun, category: str, out_dir: Path, max_side
     :func:`pick_examples`. Image paths are re-rooted under ``data_root`` when the dataset moved;
     an image that cannot be read is skipped with a warning.
     """
-    from patchbank.evaluation import metrics  # stage modules import figures lazily
-
     out_dir = Path(out_dir)
     df = run.scores
     labels, scores = df["label"].to_numpy(int), df["score"].to_numpy(float)

@@ -1,14 +1,33 @@
-"""Evaluate stage: score runs + ground-truth masks -> metrics.csv, leaderboard, figures.
+"""Evaluate stage: score runs + ground-truth masks -> per-category metrics, tables, figures.
 
-Pixel metrics are computed at the original mask resolution by default: each map is upsampled
-bilinearly to its image's size and smoothed with the method's sigma scaled to that size
-(``eval_size`` evaluates at a reduced resolution instead, and the output says so).
+Pixel metrics are computed at the original mask resolution by default: each map is placed on
+its image by :func:`patchbank.evaluation.geometry.run_map` (bilinear upsampling, smoothing with
+the method's sigma scaled to that size); ``eval_size`` evaluates at a reduced resolution
+instead, and the output says so.
+
+Files. Each category's result is written once, next to its run:
+``<scores_dir>/<backbone>/<method>/<category>/metrics.json`` =
+``{"format", "backbone", "method", "category", "key", "metrics", "figures"}`` where ``metrics``
+holds every column of :data:`METRIC_COLUMNS` + :data:`EXTRA_COLUMNS` (JSON ``null`` for NaN),
+``figures`` the names of the PNGs drawn for it under ``<method>/figures/`` (``null`` when none
+were drawn) and ``key`` what the result depends on (:func:`evaluation_key`: a hash of
+``run.json``, the sizes and mtimes of the score files and of the masks, ``eval_size``, the
+patchbank version). A category whose key still matches is skipped ("up to date, skipped");
+``overwrite=True`` recomputes it. ``metrics.csv`` (per backbone/method: one row per category
+plus ``mean``) and ``<scores_dir>/leaderboard.{csv,md}`` are views computed from the
+``metrics.json`` files when read (:func:`metrics_table`, :func:`leaderboard`) and rewritten
+after each evaluation, so evaluations of different categories running at the same time never
+lose each other's rows. Every file is written atomically (:mod:`patchbank.core.atomic`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections.abc import Sequence
+import math
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +35,13 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from patchbank import __version__
+from patchbank.core.atomic import atomic_path, atomic_write_text, file_lock
 from patchbank.core.errors import ScoresError
 from patchbank.data.mvtec import load_mask
 from patchbank.evaluation import metrics
-from patchbank.evaluation.geometry import eval_sigma, upsample_map
+from patchbank.evaluation.figures import write_category_figures
+from patchbank.evaluation.geometry import reroot, resize_mask, run_map
 from patchbank.store.runs import RunPaths, ScoreRun, load_run
 
 log = logging.getLogger(__name__)
@@ -32,57 +54,29 @@ EXTRA_COLUMNS = [
     "f1_threshold", "f1_precision", "f1_recall", "unsup_threshold", "unsup_precision",
     "unsup_recall", "unsup_f1", "eval_resolution", "n_test",
 ]
+COLUMNS = METRIC_COLUMNS + EXTRA_COLUMNS
+TEXT_COLUMNS = ("category", "eval_resolution")
+METRICS_FORMAT = 1
+#: Lock file (in the scores folder) serialising rewrites of the derived tables.
+LOCK_NAME = ".evaluate.lock"
 
 
-def reroot(path: str, data_root: Path | None, category: str) -> Path:
-    """``path`` as stored, or moved under ``data_root`` when the dataset now lives there."""
-    p = Path(path)
-    if data_root is None or p.exists():
-        return p
-    parts = p.parts
-    if category in parts:
-        i = len(parts) - 1 - parts[::-1].index(category)
-        return Path(data_root, *parts[i:])
-    return p
-
-
-def crop_box(height: int, width: int, image_size: int, crop: int | None) -> tuple[slice, slice]:
-    """Region of the original image that a centre crop of the resized input covers."""
-    if not crop:
-        return slice(0, height), slice(0, width)
-    fy, fx = crop / image_size * height, crop / image_size * width
-    y0, x0 = int(round((height - fy) / 2)), int(round((width - fx) / 2))
-    return slice(y0, y0 + int(round(fy))), slice(x0, x0 + int(round(fx)))
-
-
-def eval_shape(height: int, width: int, eval_size: int | None) -> tuple[int, int]:
-    """Evaluation (H, W): original, or scaled so the longer side is ``eval_size``."""
-    if not eval_size or max(height, width) <= eval_size:
-        return height, width
-    f = eval_size / max(height, width)
-    return max(1, round(height * f)), max(1, round(width * f))
+# --------------------------------------------------------------------------- computing
 
 
 def masks_and_maps(run: ScoreRun, category: str, data_root: Path | None = None,
                    eval_size: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Ground-truth masks and full-resolution smoothed maps, one pair per test image."""
-    info, df = run.info, run.scores
+    """Ground-truth masks and smoothed maps at evaluation resolution, one pair per test image."""
     masks, maps = [], []
-    for i, row in enumerate(tqdm(df.itertuples(), total=len(df), desc=f"{category} maps",
-                                 leave=False)):
+    for i, row in enumerate(tqdm(run.scores.itertuples(), total=len(run.scores),
+                                 desc=f"{category} maps", leave=False)):
         h, w = int(row.height), int(row.width)
-        if row.mask_path:
-            mask = load_mask(reroot(row.mask_path, data_root, category), size=(w, h))
-        else:
-            mask = np.zeros((h, w), dtype=bool)
-        ys, xs = crop_box(h, w, int(info["image_size"]), info.get("crop"))
-        mask = mask[ys, xs]
-        eh, ew = eval_shape(*mask.shape, eval_size)
-        if (eh, ew) != mask.shape:
-            mask = upsample_map(mask.astype(np.float32), (eh, ew)) >= 0.5
-        sigma = eval_sigma(info["map_sigma"], eh, int(info["input_size"]))
-        maps.append(upsample_map(run.maps[i], (eh, ew), sigma))
-        masks.append(mask)
+        mask = load_mask(reroot(row.mask_path, data_root, category), size=(w, h)) \
+            if row.mask_path else None
+        heatmap, (ys, xs) = run_map(run, i, h, w, eval_size)
+        masks.append(resize_mask(mask[ys, xs], heatmap.shape) if mask is not None
+                     else np.zeros(heatmap.shape, dtype=bool))
+        maps.append(heatmap)
     return masks, maps
 
 
@@ -116,68 +110,217 @@ def evaluate_run(run: ScoreRun, category: str, data_root: Path | None = None,
     return row
 
 
+# --------------------------------------------------------------------------- metrics.json
+
+
+def _stat(path: Path) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def evaluation_key(paths: RunPaths, category: str, data_root: Path | None = None,
+                   eval_size: int | None = None) -> dict[str, Any] | None:
+    """What one category's metrics depend on, as JSON values; None when the run is unreadable.
+
+    ``run``: sha256 of ``run.json``; ``files``: size and mtime of the score files; ``masks``:
+    sha256 over the (re-rooted) mask paths with their sizes and mtimes; ``eval_size``;
+    ``patchbank_version`` (metric code changes with it).
+    """
+    try:
+        run_hash = hashlib.sha256(paths.run_json.read_bytes()).hexdigest()
+        mask_paths = pd.read_csv(paths.image_scores, usecols=["mask_path"],
+                                 keep_default_na=False, dtype=str)["mask_path"]
+    except (OSError, ValueError):
+        return None
+    digest = hashlib.sha256()
+    for stored in mask_paths:
+        if stored:
+            path = reroot(stored, data_root, category)
+            digest.update(f"{path}\t{_stat(path)}\n".encode())
+    return {
+        "format": METRICS_FORMAT,
+        "run": run_hash,
+        "files": {p.name: _stat(p) for p in (paths.image_scores, paths.maps, paths.train_scores)},
+        "masks": digest.hexdigest(),
+        "eval_size": int(eval_size) if eval_size else None,
+        "patchbank_version": __version__,
+    }
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def write_metrics(paths: RunPaths, backbone: str, method: str, category: str,
+                  key: Mapping[str, Any] | None, row: Mapping[str, Any],
+                  figures: Sequence[str] | None) -> None:
+    """Write one category's ``metrics.json`` (atomically)."""
+    record = {
+        "format": METRICS_FORMAT, "backbone": backbone, "method": method, "category": category,
+        "key": key, "metrics": {c: _to_json(row.get(c)) for c in COLUMNS},
+        "figures": None if figures is None else list(figures),
+    }
+    atomic_write_text(paths.metrics_json, json.dumps(record, indent=2, allow_nan=False) + "\n")
+
+
+def read_metrics(path: Path) -> dict[str, Any] | None:
+    """A well-formed ``metrics.json`` (``metrics`` values: NaN for null), else None."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        log.warning("%s: unreadable (%s); the category will be re-evaluated", path, err)
+        return None
+    ok = isinstance(record, dict) and record.get("format") == METRICS_FORMAT and \
+        isinstance(record.get("metrics"), dict) and \
+        record["metrics"].get("category") == Path(path).parent.name
+    if not ok:
+        log.warning("%s: not a metrics file of this patchbank; the category will be "
+                    "re-evaluated", path)
+        return None
+    record["metrics"] = {c: (float("nan") if record["metrics"].get(c) is None
+                             else record["metrics"][c]) for c in COLUMNS}
+    return record
+
+
+def _figures_present(record: Mapping[str, Any], fig_dir: Path) -> bool:
+    names = record.get("figures")
+    return isinstance(names, list) and all((fig_dir / n).is_file() for n in names)
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def evaluate_category(scores_dir: Path, backbone: str, method: str, category: str,
+                      data_root: Path | None = None, eval_size: int | None = None,
+                      figures: bool = True, overwrite: bool = False) -> str:
+    """Evaluate one category's run into its ``metrics.json``; returns what happened.
+
+    ``"skipped"`` when its key still matches (figures are drawn if asked for and missing),
+    else ``"computed"``, ``"recomputed"`` (stale) or ``"overwritten"`` (``overwrite``).
+    Figures are redrawn whenever the metrics are recomputed.
+    """
+    paths = RunPaths.of(scores_dir, backbone, method, category)
+    fig_dir = Path(scores_dir, backbone, method, "figures")
+    name = f"{backbone}/{method}/{category}"
+    key = evaluation_key(paths, category, data_root, eval_size)
+    stored = read_metrics(paths.metrics_json)
+    if stored is not None and key is not None and stored.get("key") == key and not overwrite:
+        log.info("%s: up to date, skipped", name)
+        if figures and not _figures_present(stored, fig_dir):
+            drawn = _draw(load_run(paths), category, fig_dir, data_root, stored)
+            write_metrics(paths, backbone, method, category, key, stored["metrics"], drawn)
+        return "skipped"
+    status = "computed" if stored is None else "overwritten" if overwrite and \
+        stored.get("key") == key else "recomputed"
+    if status == "recomputed":
+        log.info("%s: run, masks or settings changed since the last evaluation, recomputing",
+                 name)
+    run = load_run(paths)
+    row = evaluate_run(run, category, data_root, eval_size)
+    log.info("%s: image AUROC %.4f, pixel AUROC %.4f, PRO %.4f", name, row["image_auroc"],
+             row["pixel_auroc"], row["pro"])
+    drawn = _draw(run, category, fig_dir, data_root, stored) if figures else None
+    write_metrics(paths, backbone, method, category, key, row, drawn)
+    return status
+
+
+def _draw(run: ScoreRun, category: str, fig_dir: Path, data_root: Path | None,
+          stored: Mapping[str, Any] | None) -> list[str]:
+    """Draw a category's figures; remove the ones it had before that were not redrawn."""
+    names = [p.name for p in write_category_figures(run, category, fig_dir,
+                                                    data_root=data_root)]
+    old = (stored or {}).get("figures") or []
+    for gone in set(old) - set(names):
+        if isinstance(gone, str) and Path(gone).name == gone:
+            (fig_dir / gone).unlink(missing_ok=True)
+    return names
+
+
 def evaluate(scores_dir: Path, backbone: str, method: str, categories: Sequence[str],
              data_root: Path | None = None, eval_size: int | None = None,
-             figures: bool = True) -> pd.DataFrame:
-    """Evaluate one (backbone, method) over categories; writes ``metrics.csv`` and figures."""
-    rows = []
+             figures: bool = True, overwrite: bool = False) -> pd.DataFrame:
+    """Evaluate one (backbone, method) over categories (each skipped when up to date); writes
+    their ``metrics.json``, figures and ``metrics.csv``; returns the table of every category
+    evaluated so far for this backbone and method (:func:`metrics_table`)."""
     for category in categories:
-        run = load_run(RunPaths.of(scores_dir, backbone, method, category))
-        row = evaluate_run(run, category, data_root, eval_size)
-        log.info("%s/%s/%s: image AUROC %.4f, pixel AUROC %.4f, PRO %.4f", backbone, method,
-                 category, row["image_auroc"], row["pixel_auroc"], row["pro"])
-        rows.append(row)
-        if figures:
-            from patchbank.evaluation.figures import write_category_figures
+        evaluate_category(scores_dir, backbone, method, category, data_root, eval_size,
+                          figures, overwrite)
+    return write_metrics_table(scores_dir, backbone, method)
 
-            write_category_figures(run, category, Path(scores_dir, backbone, method, "figures"),
-                                   data_root=data_root)
+
+# --------------------------------------------------------------------------- derived tables
+
+
+def metrics_table(scores_dir: Path, backbone: str, method: str) -> pd.DataFrame:
+    """One row per category with a ``metrics.json``, sorted by category, then their ``mean``
+    (columns :data:`COLUMNS`); an empty table when nothing was evaluated."""
+    rows = []
+    for path in sorted(Path(scores_dir, backbone, method).glob("*/metrics.json")):
+        record = read_metrics(path)
+        if record is not None:
+            rows.append(record["metrics"])
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    if table.empty:
+        return table
+    numeric = [c for c in COLUMNS if c not in TEXT_COLUMNS]
+    table[numeric] = table[numeric].apply(pd.to_numeric, errors="coerce").astype(float)
+    table = table.sort_values("category", kind="stable").reset_index(drop=True)
+    mean = table.drop(columns=list(TEXT_COLUMNS)).mean(numeric_only=True).to_dict()
+    mean.update(category="mean", eval_resolution=table["eval_resolution"].iloc[0])
+    return pd.concat([table, pd.DataFrame([mean])], ignore_index=True)[COLUMNS]
+
+
+def write_metrics_table(scores_dir: Path, backbone: str, method: str) -> pd.DataFrame:
+    """:func:`metrics_table`, also written to ``<backbone>/<method>/metrics.csv``."""
     out = Path(scores_dir, backbone, method, "metrics.csv")
-    table = merge_metrics(out, pd.DataFrame(rows).reindex(columns=METRIC_COLUMNS + EXTRA_COLUMNS))
-    table.to_csv(out, index=False, float_format="%.6g")
-    log.info("wrote %s (%d categories)", out, len(table) - 1)
+    with file_lock(Path(scores_dir, LOCK_NAME)):
+        table = metrics_table(scores_dir, backbone, method)
+        if not table.empty:
+            with atomic_path(out) as tmp:
+                table.to_csv(tmp, index=False, float_format="%.6g")
+            log.info("wrote %s (%d categories)", out, len(table) - 1)
     return table
 
 
-def merge_metrics(path: Path, new: pd.DataFrame) -> pd.DataFrame:
-    """New category rows plus earlier rows of other categories in ``path``, then a fresh mean.
-
-    Evaluating one category never drops what was measured for the others.
-    """
-    if path.is_file():
-        old = pd.read_csv(path, keep_default_na=True)
-        keep = old[(old["category"] != "mean") & ~old["category"].isin(new["category"])]
-        if len(keep):
-            log.info("%s: keeping earlier rows for %s", path, ", ".join(keep["category"]))
-            new = pd.concat([keep.reindex(columns=new.columns), new], ignore_index=True)
-    table = new.sort_values("category", kind="stable").reset_index(drop=True)
-    mean = table.drop(columns=["category", "eval_resolution"]).mean(numeric_only=True).to_dict()
-    mean.update(category="mean", eval_resolution=table["eval_resolution"].iloc[0])
-    return pd.concat([table, pd.DataFrame([mean])], ignore_index=True)[table.columns]
-
-
-def leaderboard(scores_dir: Path) -> pd.DataFrame:
-    """Every evaluated backbone x method: mean metrics and times, best first; writes csv + md."""
+def leaderboard_table(scores_dir: Path) -> pd.DataFrame:
+    """Every evaluated backbone x method: mean metrics and times, best first."""
     rows = []
-    for path in sorted(Path(scores_dir).glob("*/*/metrics.csv")):
-        table = pd.read_csv(path)
-        mean = table[table["category"] == "mean"]
-        if mean.empty:
+    methods = sorted({p.parent.parent for p in Path(scores_dir).glob("*/*/*/metrics.json")})
+    for folder in methods:
+        backbone, method = folder.parent.name, folder.name
+        table = metrics_table(scores_dir, backbone, method)
+        if table.empty:
             continue
-        row = mean.iloc[0].to_dict()
+        row = table.iloc[-1].to_dict()
         row.pop("category")
-        n = int((table["category"] != "mean").sum())
-        cats = ",".join(table.loc[table["category"] != "mean", "category"].astype(str))
-        rows.append({"backbone": path.parts[-3], "method": path.parts[-2], "n_categories": n,
-                     "categories": cats, **row})
+        cats = table["category"].iloc[:-1].astype(str)
+        rows.append({"backbone": backbone, "method": method, "n_categories": len(cats),
+                     "categories": ",".join(cats), **row})
     board = pd.DataFrame(rows)
     if board.empty:
         return board
     board["_rank"] = board["overall_score"].fillna(board["image_score"] / 2)
     board = board.sort_values(["_rank", "image_auroc"], ascending=False).drop(columns="_rank")
-    board = board.reset_index(drop=True)
-    board.to_csv(Path(scores_dir, "leaderboard.csv"), index=False, float_format="%.6g")
-    Path(scores_dir, "leaderboard.md").write_text(leaderboard_markdown(board))
+    return board.reset_index(drop=True)
+
+
+def leaderboard(scores_dir: Path) -> pd.DataFrame:
+    """:func:`leaderboard_table`, also written to ``leaderboard.csv`` and ``leaderboard.md``."""
+    with file_lock(Path(scores_dir, LOCK_NAME)):
+        board = leaderboard_table(scores_dir)
+        if not board.empty:
+            with atomic_path(Path(scores_dir, "leaderboard.csv")) as tmp:
+                board.to_csv(tmp, index=False, float_format="%.6g")
+            atomic_write_text(Path(scores_dir, "leaderboard.md"), leaderboard_markdown(board))
     return board
 
 
