@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from patchbank.core.errors import ScoresError
 from patchbank.evaluation import metrics
@@ -294,5 +294,11 @@ def test_real_bottle_masks_as_maps():
     blurred = [ndimage.gaussian_filter(a, 15) for a in maps]
     out = metrics.pixel_metrics(masks, blurred, progress=False)
     y, s = flat(masks, blurred)
-    assert out["pixel_auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-6)
-    assert 0.5 < out["best_dice"] < 1.0 and 0.5 < out["pro"] < 1.0
+    assert out["pixel_auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-9)
+    assert out["pixel_ap"] == pytest.approx(average_precision_score(y, s), abs=1e-9)
+    precision, recall, _ = precision_recall_curve(y, s)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-300)
+    assert out["best_dice"] == pytest.approx(f1.max(), abs=1e-9)
+    # pinned (these inputs are fixed: seeded noise on the first four broken_small masks)
+    assert out == pytest.approx({"pixel_auroc": 0.9998748685, "pixel_ap": 0.9960967141,
+                                 "pro": 0.9938946430, "best_dice": 0.9721612732}, abs=1e-7)
