@@ -20,6 +20,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from test_metrics import ref_pro
 
 import patchbank.stages.evaluate as stage
+from patchbank.core.atomic import hostname
 from patchbank.core.errors import DatasetError, ScoresError
 from patchbank.evaluation.geometry import crop_box, eval_shape, reroot
 from patchbank.stages.evaluate import (
@@ -396,3 +397,17 @@ def test_parallel_evaluations_of_two_categories_keep_both(tmp_path: Path) -> Non
     assert leaderboard(scores)["categories"].tolist() == ["gadget,widget"]
     leftovers = [p for p in scores.rglob("*.tmp")]
     assert leftovers == []
+
+
+def test_temporaries_of_killed_evaluations_are_swept(tmp_path: Path) -> None:
+    paths = perfect_run(tmp_path)
+    scores = tmp_path / "scores"
+    figs = scores / "toy" / "hand" / "figures"
+    figs.mkdir(parents=True)
+    dead = [paths.folder / f".metrics.json.{hostname()}.999999999.00.tmp",
+            figs / f".widget_hist.png.{hostname()}.999999999.00.tmp",
+            scores / f".leaderboard.md.{hostname()}.999999999.00.tmp"]
+    for p in dead:
+        p.write_text("partial")
+    evaluate(scores, "toy", "hand", ["widget"], figures=False)
+    assert [p for p in dead if p.exists()] == []

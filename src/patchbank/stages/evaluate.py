@@ -36,7 +36,12 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from patchbank import __version__
-from patchbank.core.atomic import atomic_path, atomic_write_text, file_lock
+from patchbank.core.atomic import (
+    atomic_path,
+    atomic_write_text,
+    file_lock,
+    sweep_stale_temporaries,
+)
 from patchbank.core.errors import ScoresError
 from patchbank.data.mvtec import load_mask
 from patchbank.evaluation import metrics
@@ -251,6 +256,10 @@ def evaluate(scores_dir: Path, backbone: str, method: str, categories: Sequence[
     """Evaluate one (backbone, method) over categories (each skipped when up to date); writes
     their ``metrics.json``, figures and ``metrics.csv``; returns the table of every category
     evaluated so far for this backbone and method (:func:`metrics_table`)."""
+    for folder in (Path(scores_dir), Path(scores_dir, backbone, method),
+                   Path(scores_dir, backbone, method, "figures"),
+                   *(Path(scores_dir, backbone, method, c) for c in categories)):
+        sweep_stale_temporaries(folder)  # left by killed evaluations
     for category in categories:
         evaluate_category(scores_dir, backbone, method, category, data_root, eval_size,
                           figures, overwrite)
