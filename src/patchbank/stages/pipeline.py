@@ -95,5 +95,5 @@ def run_pipeline(
                      for c in categories}
             for name in sorted(names):
                 evaluate(scores_dir, used.backbone, name, categories, data_root=root,
-                         eval_size=eval_size, figures=figures)
+                         eval_size=eval_size, figures=figures, overwrite=overwrite)
     return leaderboard(scores_dir)

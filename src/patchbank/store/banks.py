@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from patchbank.core.atomic import AtomicFile, sweep_stale_temporaries
 from patchbank.core.errors import BankError
 
 log = logging.getLogger(__name__)
@@ -196,24 +195,6 @@ def verify_files(paths: BankPaths, fp: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def sweep_temporaries(folder: Path, pattern: str) -> None:
-    """Remove temporary files ``<folder>/<pattern>`` left by killed runs (``*`` = the pid)."""
-    for leftover in Path(folder).glob(pattern):
-        pid = leftover.name.split(".")[pattern.split(".").index("*")]
-        try:
-            os.kill(int(pid), 0)
-        except (ValueError, ProcessLookupError):
-            leftover.unlink(missing_ok=True)
-        except PermissionError:
-            pass  # another user's live process
-
-
-def temp_name(path: Path) -> Path:
-    """A temporary name beside ``path`` unique to this host, process and writer."""
-    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}."
-                          f"{os.urandom(4).hex()}.tmp")
-
-
 class BankWriter:
     """Stream tapped layers into a bank without holding the dataset in memory.
 
@@ -231,13 +212,14 @@ class BankWriter:
         self.layers = [int(x) for x in layers]
         self.shapes = [tuple(int(v) for v in s) for s in shapes]
         paths.folder.mkdir(parents=True, exist_ok=True)
-        self._tmp: dict[Path, Path] = {}
+        sweep_stale_temporaries(paths.folder)
+        self._tmp: dict[Path, AtomicFile] = {}
         self._files = []
         try:
             for layer, shape in zip(self.layers, self.shapes, strict=True):
                 final = paths.tap(layer)
-                tmp = self._tmp[final] = temp_name(final)
-                f = tmp.open("wb")
+                tmp = self._tmp[final] = AtomicFile(final)
+                f = tmp.tmp.open("wb")
                 self._files.append(f)
                 np.lib.format.write_array_header_1_0(
                     f, {"descr": np.dtype(np.float16).str, "fortran_order": False,
@@ -278,18 +260,17 @@ class BankWriter:
         for f in self._files:
             f.close()
         p = self.paths
-        tmp_csv = self._tmp[p.csv] = temp_name(p.csv)
-        tmp_json = self._tmp[p.json] = temp_name(p.json)
-        meta.to_csv(tmp_csv, index=False)
-        tmp_json.write_text(json.dumps(dict(fingerprint), indent=2, sort_keys=True))
+        tmp_csv = self._tmp[p.csv] = AtomicFile(p.csv)
+        tmp_json = self._tmp[p.json] = AtomicFile(p.json)
+        meta.to_csv(tmp_csv.tmp, index=False)
+        tmp_json.tmp.write_text(json.dumps(dict(fingerprint), indent=2, sort_keys=True))
         # The old fingerprint goes first: from here until the new one lands the bank reads as
         # incomplete, never as a complete bank with mismatched parts.
         p.json.unlink(missing_ok=True)
         for final, tmp in self._tmp.items():
             if final != p.json:
-                os.replace(tmp, final)
-        os.replace(tmp_json, p.json)
-        self._tmp.clear()
+                tmp.commit()
+        tmp_json.commit()
         self.close()
 
     def close(self) -> None:
@@ -301,7 +282,7 @@ class BankWriter:
             except OSError:
                 pass  # the disk failed: the file is removed anyway
         for tmp in self._tmp.values():
-            tmp.unlink(missing_ok=True)
+            tmp.discard()
         self._tmp.clear()
 
     def __enter__(self) -> BankWriter:
