@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -35,7 +36,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -71,6 +72,30 @@ def _register(tmp: Path) -> None:
 def _unregister(tmp: Path) -> None:
     with _live_lock:
         _live.pop(tmp, None)
+
+
+def name_error(err: OSError, target: Path | str, tmp: Path | str | None = None) -> OSError:
+    """Make ``err`` name ``target``: writers (``f.write``, ``np.savez``, ``to_csv``) raise
+    ``OSError(ENOSPC)`` without a file name, or with the temporary's; the user needs the file
+    patchbank was publishing. Returns ``err`` (changed in place, traceback kept)."""
+    if err.filename is None or (tmp is not None and str(err.filename) == str(tmp)):
+        err.filename = str(target)
+        err.filename2 = None
+    return err
+
+
+def preallocate(f: IO[Any], nbytes: int, target: Path | str) -> None:
+    """Reserve ``nbytes`` for the open file ``f`` (``posix_fallocate``), so a full disk shows
+    as ``OSError(ENOSPC)`` naming ``target`` before any data is computed, never later as a
+    ``SIGBUS`` or a half-written file. File systems without the call are left alone."""
+    if nbytes <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(f.fileno(), 0, int(nbytes))
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise name_error(err, target) from None
+        # EOPNOTSUPP, EINVAL, ENOSYS, ...: no reservation, writes report ENOSPC themselves
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -121,6 +146,10 @@ class AtomicFile:
             raise RuntimeError(f"{self.target}: temporary already committed or discarded")
         try:
             os.replace(self.tmp, self.target)
+        except OSError as err:
+            self.discard()
+            name_error(err, self.target, self.tmp)
+            raise
         except BaseException:
             self.discard()
             raise
@@ -150,6 +179,9 @@ def atomic_path(target: Path | str, *, mkdir: bool = True) -> Iterator[Path]:
     try:
         yield f.tmp
         f.commit()
+    except OSError as err:
+        name_error(err, f.target, f.tmp)
+        raise
     finally:
         f.discard()
 
@@ -265,21 +297,25 @@ def _on_signal(signum: int, frame: Any) -> None:
         os.kill(os.getpid(), signum)
 
 
-def install_signal_cleanup(signals: Iterable[int] = (signal.SIGTERM,)) -> None:
+def install_signal_cleanup(signals: Iterable[int] = (signal.SIGTERM,)) -> bool:
     """On SIGTERM remove this process's live temporaries, then exit with ``SystemExit(143)`` (so
     ``finally`` blocks and atexit hooks run) or call the handler installed before.
 
-    Call from the main thread (a Python rule for signal handlers). Idempotent; a signal whose
-    disposition is "ignore" is left alone.
+    Call from the main thread (a Python rule for signal handlers; elsewhere ValueError).
+    Idempotent; a signal whose disposition is "ignore" is left alone. Returns whether a handler
+    was installed by this call (so the caller knows to :func:`uninstall_signal_cleanup`).
     """
     global _installed_by
+    installed = False
     for signum in signals:
         current = signal.getsignal(signum)
         if current is _on_signal or current == signal.SIG_IGN:
             continue
         signal.signal(signum, _on_signal)
         _previous_handlers[signum] = current
+        installed = True
     _installed_by = os.getpid()
+    return installed
 
 
 def uninstall_signal_cleanup() -> None:
@@ -291,17 +327,25 @@ def uninstall_signal_cleanup() -> None:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path | str) -> Iterator[None]:
+def file_lock(path: Path | str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold an exclusive advisory lock (``flock``) on ``path`` (created if needed) for the block.
 
-    For short critical sections between processes, e.g. rebuilding a file derived from others.
-    Where the file system does not support locks the block runs unlocked.
+    Serialises processes that write the same output (a bank, a score run, the derived tables):
+    the second waits for the first. ``on_wait`` is called once when the lock is busy, before
+    waiting (e.g. to log that another run holds it). The kernel releases the lock when its
+    holder dies, even by SIGKILL. Where the file system does not support locks the block runs
+    unlocked. The lock file stays (removing it while held would break the lock).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as f:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         except OSError:
             yield
             return

@@ -19,3 +19,27 @@ class BankError(PatchbankError):
 
 class ScoresError(PatchbankError):
     """Score outputs are missing or do not match what the caller expects."""
+
+
+class PartialFailure(PatchbankError):
+    """Some items of a multi-category run failed; the others finished.
+
+    ``failures`` holds ``(item, exception)`` pairs in the order they happened (``item`` names
+    what failed, e.g. a category); ``result`` is what the run returns for the items that
+    finished. ``str(err)`` summarises; callers print one line per failure.
+    """
+
+    def __init__(self, failures: list[tuple[str, BaseException]], result: object = None,
+                 total: int | None = None) -> None:
+        self.failures = list(failures)
+        self.result = result
+        self.total = total
+        of = f" of {total}" if total is not None else ""
+        super().__init__(f"{len(self.failures)}{of} failed: "
+                         f"{', '.join(item for item, _ in self.failures)}")
+
+
+#: What one category of a multi-category run may fail with and the run still goes on: the
+#: user-facing errors, a failing disk or file system, and memory running out. Anything else is
+#: a bug and stops the run with its traceback.
+ITEM_ERRORS: tuple[type[BaseException], ...] = (PatchbankError, OSError, MemoryError)
