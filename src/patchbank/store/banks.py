@@ -19,8 +19,11 @@ stale and never read.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from patchbank.core.atomic import AtomicFile, sweep_stale_temporaries
+from patchbank.core.atomic import AtomicFile, name_error, preallocate, sweep_stale_temporaries
 from patchbank.core.errors import BankError
 
 log = logging.getLogger(__name__)
@@ -96,8 +99,58 @@ class BankPaths:
     def tap(self, layer: int) -> Path:
         return self.folder / f"{self.split}.layer{int(layer)}.npy"
 
+    @property
+    def lock(self) -> Path:
+        """Lock file serialising writers of this bank (:func:`patchbank.core.atomic.file_lock`):
+        ``<banks_dir>/.locks/<backbone>/<tag>/<category>.<split>.lock``, outside the bank
+        folders so they hold bank files only."""
+        *_, backbone, tag, category = self.folder.parts
+        return self.folder.parents[2] / ".locks" / backbone / tag / f"{category}.{self.split}.lock"
+
     def describe(self) -> str:
         return str(self.folder / f"{self.split}.*")
+
+
+def _data_root_of(folder: Path, category: str) -> str | None:
+    """The dataset root a bank was built from, read from the first image path of its CSVs."""
+    for split in SPLITS:
+        try:
+            with (folder / f"{split}.csv").open(newline="") as f:
+                rows = csv.reader(f)
+                header = next(rows)
+                first = Path(next(rows)[header.index("path")])
+        except (OSError, StopIteration, ValueError, IndexError, csv.Error):
+            continue
+        # <root>/<category>/<split>/<defect_type>/<file>
+        if len(first.parts) >= 5 and first.parts[-4] == category:
+            return str(first.parents[3])
+    return None
+
+
+def extract_command(banks_dir: Path, backbone: str, tag: str, category: str) -> str:
+    """The extract command that rebuilds this bank: the same settings (from either split's
+    fingerprint when one parses), the dataset it was built from (from its CSVs) and the banks
+    folder; ``--data-root DATA_ROOT`` when that cannot be read back."""
+    folder = bank_folder(banks_dir, backbone, tag, category)
+    spec: dict[str, Any] = {}
+    for split in SPLITS:
+        fp = read_fingerprint(BankPaths(folder, split))
+        if fp is not None and isinstance(fp.get("spec"), dict):
+            spec = fp["spec"]
+            break
+    root = _data_root_of(folder, category)
+    args = ["python", "scripts/extract.py", "--backbone", backbone, "--category", category,
+            "--data-root", root or "DATA_ROOT", "--banks-dir", str(banks_dir)]
+    flags = {"weights": "--weights", "layers": "--layers", "image_size": "--image-size",
+             "crop": "--crop", "normalize": "--normalize"}
+    for key, flag in flags.items():
+        value = spec.get(key)
+        if value is None:
+            continue
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        args += [flag, str(value)]
+    return " ".join(shlex.quote(a) if a != "DATA_ROOT" else a for a in args)
 
 
 def config_of(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
@@ -132,6 +185,8 @@ def check_fingerprint(fp: Any, paths: BankPaths) -> list[str]:
     """Problems that make a stored fingerprint unusable (empty when it is well-formed)."""
     if not isinstance(fp, dict):
         return ["not a JSON object"]
+    if "format" not in fp:
+        return ["not a bank fingerprint (no 'format' key)"]
     if fp.get("format") != BANK_FORMAT:
         return [f"bank format {fp.get('format')!r}, this patchbank reads {BANK_FORMAT}"]
     bad = [f"key {k!r} missing or not {t}" for k, t in REQUIRED_KEYS.items()
@@ -215,15 +270,26 @@ class BankWriter:
         sweep_stale_temporaries(paths.folder)
         self._tmp: dict[Path, AtomicFile] = {}
         self._files = []
+        self._targets: list[Path] = []
         try:
             for layer, shape in zip(self.layers, self.shapes, strict=True):
                 final = paths.tap(layer)
                 tmp = self._tmp[final] = AtomicFile(final)
                 f = tmp.tmp.open("wb")
                 self._files.append(f)
+                self._targets.append(final)
+                header = io.BytesIO()
                 np.lib.format.write_array_header_1_0(
-                    f, {"descr": np.dtype(np.float16).str, "fortran_order": False,
-                        "shape": (n, *shape)})
+                    header, {"descr": np.dtype(np.float16).str, "fortran_order": False,
+                             "shape": (n, *shape)})
+                # the whole file is reserved now: a full disk stops the run before the model
+                # computes anything, with the file named
+                preallocate(f, len(header.getvalue()) + 2 * n * int(np.prod(shape)), final)
+                f.write(header.getvalue())
+        except OSError as err:
+            self.close()
+            name_error(err, self._targets[-1] if self._targets else paths.folder)
+            raise
         except BaseException:
             self.close()
             raise
@@ -245,8 +311,12 @@ class BankWriter:
         self._early[start] = [np.ascontiguousarray(t, dtype=np.float16) for t in taps]
         while self._next in self._early:
             batch = self._early.pop(self._next)
-            for f, t in zip(self._files, batch, strict=True):
-                f.write(t.data)
+            for f, t, target in zip(self._files, batch, self._targets, strict=True):
+                try:
+                    f.write(t.data)
+                except OSError as err:
+                    name_error(err, target)
+                    raise
             self._next += len(batch[0])
 
     def commit(self, meta: pd.DataFrame, fingerprint: Mapping[str, Any]) -> None:
@@ -257,13 +327,21 @@ class BankWriter:
                             "re-run")
         if list(meta.columns) != META_COLUMNS or len(meta) != self.n:
             raise ValueError(f"meta must have columns {META_COLUMNS} and {self.n} rows")
-        for f in self._files:
-            f.close()
         p = self.paths
-        tmp_csv = self._tmp[p.csv] = AtomicFile(p.csv)
-        tmp_json = self._tmp[p.json] = AtomicFile(p.json)
-        meta.to_csv(tmp_csv.tmp, index=False)
-        tmp_json.tmp.write_text(json.dumps(dict(fingerprint), indent=2, sort_keys=True))
+        target = p.folder
+        try:
+            for f, tap in zip(self._files, self._targets, strict=True):
+                target = tap
+                f.close()
+            tmp_csv = self._tmp[p.csv] = AtomicFile(p.csv)
+            tmp_json = self._tmp[p.json] = AtomicFile(p.json)
+            target = p.csv
+            meta.to_csv(tmp_csv.tmp, index=False)
+            target = p.json
+            tmp_json.tmp.write_text(json.dumps(dict(fingerprint), indent=2, sort_keys=True))
+        except OSError as err:
+            name_error(err, target, self._tmp[target].tmp if target in self._tmp else None)
+            raise
         # The old fingerprint goes first: from here until the new one lands the bank reads as
         # incomplete, never as a complete bank with mismatched parts.
         p.json.unlink(missing_ok=True)
@@ -308,12 +386,11 @@ def load_bank(banks_dir: Path, backbone: str, tag: str, category: str, split: st
     """Load one bank (taps memory-mapped), refused with a one-line BankError when it is absent,
     damaged, inconsistent with its folder, or (with ``expect``) built with other settings."""
     paths = BankPaths.of(banks_dir, backbone, tag, category, split)
-    hint = f"re-run `python scripts/extract.py --backbone {backbone} --category {category} " \
-           f"--banks-dir {banks_dir}`"
+    fix = f"re-run `{extract_command(banks_dir, backbone, tag, category)} --overwrite`"
     fp = read_fingerprint(paths)
     if fp is None:
         state = "unreadable" if paths.json.exists() else "missing"
-        raise BankError(f"{paths.json}: {split} bank {state}; {hint} (with --overwrite)")
+        raise BankError(f"{paths.json}: {split} bank {state}; {fix}")
     problems = check_fingerprint(fp, paths)
     if not problems:
         where = {"backbone": backbone, "category": category, "tag": tag}
@@ -325,7 +402,7 @@ def load_bank(banks_dir: Path, backbone: str, tag: str, category: str, split: st
         if diff:
             problems = [f"built with another configuration ({'; '.join(diff)})"]
     if problems:
-        raise BankError(f"{paths.json}: {'; '.join(problems)}; {hint} --overwrite")
+        raise BankError(f"{paths.json}: {'; '.join(problems)}; {fix}")
     n = fp["n_images"]
     try:
         taps = {t["layer"]: _open_tap(paths.tap(t["layer"]), (n, *t["shape"]))
@@ -333,10 +410,10 @@ def load_bank(banks_dir: Path, backbone: str, tag: str, category: str, split: st
         meta = pd.read_csv(paths.csv, keep_default_na=False, dtype={"mask_path": str})
     except (OSError, ValueError, EOFError) as err:
         raise BankError(f"{paths.describe()}: unreadable bank ({str(err).splitlines()[0]}); "
-                        f"{hint} --overwrite") from None
+                        f"{fix}") from None
     if list(meta.columns) != META_COLUMNS or len(meta) != n:
         raise BankError(f"{paths.csv}: does not match the bank ({len(meta)} rows for {n} "
-                        f"images); {hint} --overwrite")
+                        f"images); {fix}")
     return Bank(taps=taps, meta=meta, fingerprint=fp)
 
 
@@ -348,7 +425,7 @@ def load_pair(banks_dir: Path, backbone: str, tag: str, category: str) -> tuple[
     if diff:
         raise BankError(
             f"{BankPaths.of(banks_dir, backbone, tag, category, 'test').json}: test bank was "
-            f"built differently from the train bank ({'; '.join(diff)}); re-extract both with "
-            "--overwrite"
+            f"built differently from the train bank ({'; '.join(diff)}); re-extract both: "
+            f"`{extract_command(banks_dir, backbone, tag, category)} --overwrite`"
         )
     return train, test

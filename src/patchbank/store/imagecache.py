@@ -16,16 +16,18 @@ key differs is rebuilt, never reused.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
-from patchbank.core.atomic import AtomicFile, sweep_stale_temporaries
+from patchbank.core.atomic import AtomicFile, preallocate, sweep_stale_temporaries
 from patchbank.data.mvtec import Sample, files_hash, relative_path
 from patchbank.store.banks import fingerprint_diff
 
@@ -70,12 +72,12 @@ class ImageCache:
             return None
         try:
             found = json.loads(self.json.read_text())
-            pixels = np.load(self.npy, mmap_mode="r")
-        except (OSError, ValueError) as err:
+            pixels = np.load(self.npy, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
             log.warning("%s: unreadable image cache (%s), rebuilding", self.npy, err)
             return None
         size = int(key["image_size"])
-        if fingerprint_diff(found, key):
+        if not isinstance(found, dict) or fingerprint_diff(found, key):
             log.info("%s: image cache is stale (dataset or settings changed), rebuilding",
                      self.npy)
             return None
@@ -90,52 +92,96 @@ class ImageCache:
 
 
 class CacheWriter:
-    """Fill a cache batch by batch through a memory-mapped temporary file; see :meth:`commit`."""
+    """Fill a cache batch by batch through a temporary ``.npy``; see :meth:`commit`.
+
+    The file is written with ordinary buffered writes (header, then rows at their offsets),
+    never through a memory map: on a full disk a memory-mapped write kills the process with
+    SIGBUS, a buffered one raises ``OSError(ENOSPC)``. The whole file is reserved up front
+    (:func:`~patchbank.core.atomic.preallocate`). The cache only saves time, so a failing disk
+    never fails the extraction: the writer logs a warning, drops its temporary and ignores the
+    remaining batches (the bank, written next, reports a full disk itself).
+    """
 
     def __init__(self, cache: ImageCache) -> None:
         self.cache = cache
         n, image_size = len(cache.key["paths"]), int(cache.key["image_size"])
+        self._shape = (image_size, image_size, 3)
+        self._row = image_size * image_size * 3
+        self._filled = np.zeros(n, dtype=bool)
+        self.failed = False
+        self._f: IO[bytes] | None = None
         cache.npy.parent.mkdir(parents=True, exist_ok=True)
         # temporaries of dead writers, and of writers before patchbank.core.atomic (by age)
         sweep_stale_temporaries(cache.npy.parent, extra_patterns=[f".{cache.npy.stem}.*.npy"])
         self._npy = AtomicFile(cache.npy)
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header, {"descr": np.dtype(np.uint8).str, "fortran_order": False,
+                     "shape": (n, *self._shape)})
+        self._offset = len(header.getvalue())
         try:
-            self._pixels = np.lib.format.open_memmap(
-                self._npy.tmp, mode="w+", dtype=np.uint8, shape=(n, image_size, image_size, 3)
-            )
+            self._f = open(self._npy.tmp, "wb")
+            preallocate(self._f, self._offset + n * self._row, cache.npy)
+            self._f.write(header.getvalue())
+        except OSError as err:
+            self._fail(err)
         except BaseException:
-            self._npy.discard()
+            self.close()
             raise
-        self._filled = np.zeros(n, dtype=bool)
+
+    def _fail(self, err: OSError) -> None:
+        log.warning("%s: cannot write the image cache (%s); extracting without it",
+                    self.cache.npy, err.strerror or err)
+        self.failed = True
+        self.close()
 
     def write(self, indices: np.ndarray, pixels: np.ndarray) -> None:
         """Store (B, S, S, 3) uint8 pixels of the images at ``indices``."""
-        self._pixels[indices] = pixels
+        if self.failed:
+            return
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+        if pixels.shape != (len(indices), *self._shape):
+            raise ValueError(f"expected pixels ({len(indices)}, {self._shape}), got "
+                             f"{pixels.shape}")
+        if len(indices) == 0:
+            return
+        try:
+            start = int(indices[0])
+            if np.array_equal(indices, np.arange(start, start + len(indices))):
+                self._f.seek(self._offset + start * self._row)
+                self._f.write(pixels.data)
+            else:
+                for i, row in zip(indices, pixels, strict=True):
+                    self._f.seek(self._offset + int(i) * self._row)
+                    self._f.write(row.data)
+        except OSError as err:
+            self._fail(err)
+            return
         self._filled[indices] = True
 
     def commit(self) -> None:
         """Publish the cache (pixels first, key last); incomplete writers publish nothing."""
-        if not self._filled.all():
+        if self.failed or not self._filled.all():
             self.close()
             return
         try:
-            self._pixels.flush()
-            del self._pixels
+            self._f.close()
             with AtomicFile(self.cache.json) as key:
                 key.tmp.write_text(json.dumps(dict(self.cache.key)))
                 self.cache.json.unlink(missing_ok=True)
                 self._npy.commit()
                 key.commit()
         except OSError as err:  # the cache only saves time: never fail the extraction over it
-            log.warning("%s: could not write the image cache (%s)", self.cache.npy, err)
-            self.close()
+            self._fail(err)
             return
         log.info("%s: cached %d resized images", self.cache.npy, len(self._filled))
 
     def close(self) -> None:
         """Drop the temporary file (safe to call twice; a no-op after commit)."""
-        if hasattr(self, "_pixels"):
-            del self._pixels
+        if self._f is not None:
+            with contextlib.suppress(OSError):
+                self._f.close()
         self._npy.discard()
 
     def __enter__(self) -> CacheWriter:

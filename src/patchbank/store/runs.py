@@ -19,6 +19,8 @@ Every file goes through a temporary name and a rename (:mod:`patchbank.core.atom
 from __future__ import annotations
 
 import json
+import shlex
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +84,18 @@ class RunPaths:
         return self.folder / "run.json"
 
     @property
+    def lock(self) -> Path:
+        """Lock file serialising the score and evaluate runs that write this folder:
+        ``<scores_dir>/.locks/<backbone>/<run>/<category>.lock`` (outside the run folders)."""
+        *_, backbone, name, category = self.folder.parts
+        return self.folder.parents[2] / ".locks" / backbone / name / f"{category}.lock"
+
+    @property
+    def model(self) -> Path:
+        """The fitted scorer (see ``patchbank.scorers.load_scorer``)."""
+        return self.folder / "model.npz"
+
+    @property
     def metrics_json(self) -> Path:
         """The evaluate stage's per-category result (see :mod:`patchbank.stages.evaluate`)."""
         return self.folder / "metrics.json"
@@ -128,42 +142,105 @@ def write_run(
 
 
 def read_run_info(paths: RunPaths) -> dict[str, Any] | None:
-    """``run.json`` of a complete run, or None."""
+    """``run.json`` of a complete run (a JSON object), or None."""
     try:
-        return json.loads(paths.run_json.read_text())
-    except (OSError, json.JSONDecodeError):
+        info = json.loads(paths.run_json.read_text())
+    except (OSError, ValueError):
         return None
+    return info if isinstance(info, dict) else None
+
+
+def score_command(paths: RunPaths, info: Mapping[str, Any] | None = None) -> str:
+    """The score command that (re)writes this run folder: from ``info`` (its ``run.json``) when
+    given, else the method guessed from the folder name, with ``--name`` for that folder."""
+    parts = paths.folder.parts
+    if len(parts) < 3:
+        return "python scripts/score.py"
+    scores_dir = Path(*parts[:-3]) if len(parts) > 3 else Path(".")
+    backbone, name, category = parts[-3:]
+    info = info or {}
+    method = info.get("method") if isinstance(info.get("method"), str) else name.split("-")[0]
+    args = ["python", "scripts/score.py", "--backbone", backbone, "--method", method,
+            "--category", category, "--scores-dir", str(scores_dir)]
+    params = info.get("params")
+    if isinstance(params, dict):
+        args += [a for k, v in params.items() for a in ("--param", f"{k}={v}")]
+    if isinstance(info.get("bank"), str):
+        args += ["--bank", info["bank"]]
+    if isinstance(info.get("holdout"), int | float) and info["holdout"] != 0.2:
+        args += ["--holdout", str(info["holdout"])]
+    if name != method:
+        args += ["--name", name]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _zip_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable ``.npz``, else None. Reads the archive's directory (at its
+    end, so a truncated or empty file fails), not the arrays."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        return f"unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    return None if names else "empty archive"
+
+
+def verify_run(paths: RunPaths, info: Mapping[str, Any]) -> list[str]:
+    """Problems with the files a complete-looking run names (empty when they are all readable):
+    the score table's rows and columns, the maps and model archives (``model.npz`` also of the
+    size ``run.json`` records). Cheap: archives are checked by their directory, not read."""
+    problems = []
+    try:
+        scores = pd.read_csv(paths.image_scores, keep_default_na=False, dtype={"mask_path": str})
+        if list(scores.columns) != SCORE_COLUMNS:
+            problems.append(f"{paths.image_scores.name}: columns {list(scores.columns)}")
+        elif isinstance(info.get("n_test"), int) and len(scores) != info["n_test"]:
+            problems.append(f"{paths.image_scores.name}: {len(scores)} rows for "
+                            f"{info['n_test']} test images")
+    except (OSError, ValueError) as err:
+        problems.append(f"{paths.image_scores.name}: {str(err).splitlines()[0]}")
+    if info.get("pixel_level"):
+        bad = _zip_problem(paths.maps)
+        if bad:
+            problems.append(f"{paths.maps.name}: {bad}")
+    model = info.get("model")
+    if isinstance(model, dict) and isinstance(model.get("file"), str):
+        path = paths.folder / Path(model["file"]).name
+        bad = _zip_problem(path)
+        if bad:
+            problems.append(f"{path.name}: {bad}")
+        elif isinstance(model.get("bytes"), int) and path.stat().st_size != model["bytes"]:
+            problems.append(f"{path.name}: {path.stat().st_size} bytes, run.json says "
+                            f"{model['bytes']}")
+    return problems
 
 
 def load_run(paths: RunPaths) -> ScoreRun:
     """Load a complete run or raise :class:`ScoresError` saying how to produce it."""
     info = read_run_info(paths)
     if info is None:
-        parts = paths.folder.parts
-        hint = (
-            f"python scripts/score.py --backbone {parts[-3]} --method {parts[-2]} "
-            f"--category {parts[-1]}"
-            if len(parts) >= 3
-            else "python scripts/score.py"
-        )
-        raise ScoresError(f"{paths.folder}: no complete score run; run `{hint}` first")
+        state = "unreadable run.json" if paths.run_json.exists() else "no complete score run"
+        raise ScoresError(f"{paths.folder}: {state}; run `{score_command(paths)}` first"
+                          + (" with --overwrite" if paths.run_json.exists() else ""))
+    fix = f"re-score with --overwrite: `{score_command(paths, info)} --overwrite`"
     try:
         scores = pd.read_csv(paths.image_scores, keep_default_na=False, dtype={"mask_path": str})
         maps = None
         if info.get("pixel_level"):
-            with np.load(paths.maps) as npz:
+            with np.load(paths.maps, allow_pickle=False) as npz:
                 maps = npz["maps"]
         train = None
         if paths.train_scores.is_file():
             train = pd.read_csv(paths.train_scores)["score"].to_numpy(np.float64)
-    except (OSError, ValueError, KeyError) as err:
-        raise ScoresError(
-            f"{paths.folder}: unreadable score files ({err}); re-score with --overwrite"
-        ) from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        what = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ScoresError(f"{paths.folder}: unreadable score files ({what}); {fix}") from None
     if list(scores.columns) != SCORE_COLUMNS or (maps is not None and len(maps) != len(scores)):
-        raise ScoresError(f"{paths.image_scores}: malformed; re-score with --overwrite")
+        raise ScoresError(f"{paths.image_scores}: malformed; {fix}")
     problems = map_info_problems(info) if maps is not None else []
     if problems:
         raise ScoresError(f"{paths.run_json}: malformed pixel-level run ({', '.join(problems)}); "
-                          "re-score with --overwrite")
+                          f"{fix}")
     return ScoreRun(scores=scores, maps=maps, train_scores=train, info=info)
