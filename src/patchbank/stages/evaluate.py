@@ -42,7 +42,7 @@ from patchbank.core.atomic import (
     file_lock,
     sweep_stale_temporaries,
 )
-from patchbank.core.errors import ScoresError
+from patchbank.core.errors import ITEM_ERRORS, PartialFailure, ScoresError
 from patchbank.data.mvtec import load_mask
 from patchbank.evaluation import metrics
 from patchbank.evaluation.figures import write_category_figures
@@ -214,6 +214,19 @@ def evaluate_category(scores_dir: Path, backbone: str, method: str, category: st
     Figures are redrawn whenever the metrics are recomputed.
     """
     paths = RunPaths.of(scores_dir, backbone, method, category)
+    if not paths.folder.is_dir():
+        load_run(paths)  # the one-line "no complete score run; run ..." error
+    # One writer per run folder (shared with the score stage): a second evaluation waits for
+    # the first, then finds its metrics up to date.
+    with file_lock(paths.lock, on_wait=lambda: log.info(
+            "%s: another score or evaluate run is writing it; waiting", paths.folder)):
+        return _evaluate_category(paths, scores_dir, backbone, method, category, data_root,
+                                  eval_size, figures, overwrite)
+
+
+def _evaluate_category(paths: RunPaths, scores_dir: Path, backbone: str, method: str,
+                       category: str, data_root: Path | None, eval_size: int | None,
+                       figures: bool, overwrite: bool) -> str:
     fig_dir = Path(scores_dir, backbone, method, "figures")
     name = f"{backbone}/{method}/{category}"
     key = evaluation_key(paths, category, data_root, eval_size)
@@ -252,18 +265,36 @@ def _draw(run: ScoreRun, category: str, fig_dir: Path, data_root: Path | None,
 
 def evaluate(scores_dir: Path, backbone: str, method: str, categories: Sequence[str],
              data_root: Path | None = None, eval_size: int | None = None,
-             figures: bool = True, overwrite: bool = False) -> pd.DataFrame:
+             figures: bool = True, overwrite: bool = False, *,
+             fail_fast: bool = True) -> pd.DataFrame:
     """Evaluate one (backbone, method) over categories (each skipped when up to date); writes
     their ``metrics.json``, figures and ``metrics.csv``; returns the table of every category
-    evaluated so far for this backbone and method (:func:`metrics_table`)."""
+    evaluated so far for this backbone and method (:func:`metrics_table`).
+
+    ``fail_fast=False`` goes on past a category that fails (a user-facing error, a disk
+    error, memory), writes the table of the others, then raises :class:`PartialFailure` with
+    every failure and the table as its ``result``.
+    """
     for folder in (Path(scores_dir), Path(scores_dir, backbone, method),
                    Path(scores_dir, backbone, method, "figures"),
                    *(Path(scores_dir, backbone, method, c) for c in categories)):
         sweep_stale_temporaries(folder)  # left by killed evaluations
+    failures: list[tuple[str, BaseException]] = []
     for category in categories:
-        evaluate_category(scores_dir, backbone, method, category, data_root, eval_size,
-                          figures, overwrite)
-    return write_metrics_table(scores_dir, backbone, method)
+        try:
+            evaluate_category(scores_dir, backbone, method, category, data_root, eval_size,
+                              figures, overwrite)
+        except ITEM_ERRORS as err:
+            if fail_fast:
+                raise
+            if len(categories) > 1:
+                log.error("%s/%s/%s: failed, going on with the other categories", backbone,
+                          method, category)
+            failures.append((f"{backbone}/{method}/{category}", err))
+    table = write_metrics_table(scores_dir, backbone, method)
+    if failures:
+        raise PartialFailure(failures, result=table, total=len(categories))
+    return table
 
 
 # --------------------------------------------------------------------------- derived tables

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, nullcontext
@@ -18,8 +19,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from patchbank import __version__
+from patchbank.core.atomic import file_lock, sweep_stale_temporaries
 from patchbank.core.device import resolve_device
-from patchbank.core.errors import DatasetError
+from patchbank.core.errors import ITEM_ERRORS, DatasetError, PartialFailure
 from patchbank.data.mvtec import (
     ImageDataset,
     Sample,
@@ -119,8 +121,9 @@ def _features(model: FeatureExtractor, preprocess: Preprocess, batches: Iterator
                 break
             except DatasetError as err:
                 # Re-raised from a DataLoader worker with its traceback appended: keep the line
-                # that names the file.
-                raise DatasetError(str(err).strip().splitlines()[-1]) from None
+                # that names the file, without the "patchbank.core.errors.DatasetError: " the
+                # traceback puts before it.
+                raise DatasetError(worker_message(str(err))) from None
             # uint8 crosses to the device; crop and normalisation happen there.
             images = preprocess.batch(pixels.to(device, non_blocking=True))
             with amp:
@@ -133,6 +136,17 @@ def _features(model: FeatureExtractor, preprocess: Preprocess, batches: Iterator
             saving = pool.submit(save, idx.numpy(), pixels.numpy(), feats)
         if saving is not None:
             saving.result()
+
+
+_CLASS_PREFIX = re.compile(r"^(?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception): ")
+
+
+def worker_message(text: str) -> str:
+    """The one-line message of an error re-raised from a DataLoader worker (the last line of the
+    worker's traceback, without its ``module.ClassName: `` prefix)."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    last = lines[-1].strip() if lines else text.strip()
+    return _CLASS_PREFIX.sub("", last, count=1)
 
 
 def _cached_batches(pixels: np.ndarray, batch_size: int) -> Iterator:
@@ -168,26 +182,34 @@ class Extractor:
     def run(self, data_root: Path, category: str, banks_dir: Path,
             overwrite: bool = False) -> dict[str, str]:
         """Extract train and test banks of one category; returns split -> what happened."""
+        data_root, banks_dir = Path(data_root), Path(banks_dir)
         done = {}
         for split in SPLITS:
             samples = discover(data_root, category, split)
             fp = fingerprint(self.spec, self.info, self.preprocess, samples, data_root,
                              category, split)
             paths = BankPaths.of(banks_dir, self.spec.backbone, self.spec.tag(), category, split)
-            status, reasons = bank_status(paths, fp)
-            if status == "complete" and not overwrite:
-                log.info("%s: up to date, skipped", paths.describe())
-                done[split] = "skipped"
-                continue
-            if status in ("stale", "broken"):
-                log.warning("%s: %s (%s), rebuilding", paths.describe(), status,
-                            "; ".join(reasons))
-            cache = (ImageCache.of(banks_dir / IMAGE_CACHE_DIR, data_root, samples,
-                                   self.preprocess.image_size) if self.config.image_cache else None)
-            self._extract(samples, paths, fp, f"{category}/{split}", cache)
-            done[split] = {"stale": "rebuilt", "broken": "rebuilt",
-                           "complete": "overwritten"}.get(status, "built")
+            # One writer per bank: a second extraction of it waits, then finds it complete.
+            with file_lock(paths.lock, on_wait=lambda p=paths: log.info(
+                    "%s: another extraction is writing this bank; waiting", p.describe())):
+                sweep_stale_temporaries(paths.folder)  # left by killed extractions
+                done[split] = self._run_split(samples, paths, fp, data_root, banks_dir,
+                                              f"{category}/{split}", overwrite)
         return done
+
+    def _run_split(self, samples: Sequence[Sample], paths: BankPaths, fp: dict[str, Any],
+                   data_root: Path, banks_dir: Path, desc: str, overwrite: bool) -> str:
+        status, reasons = bank_status(paths, fp)
+        if status == "complete" and not overwrite:
+            log.info("%s: up to date, skipped", paths.describe())
+            return "skipped"
+        if status in ("stale", "broken"):
+            log.warning("%s: %s (%s), rebuilding", paths.describe(), status, "; ".join(reasons))
+        cache = (ImageCache.of(banks_dir / IMAGE_CACHE_DIR, data_root, samples,
+                               self.preprocess.image_size) if self.config.image_cache else None)
+        self._extract(samples, paths, fp, desc, cache)
+        return {"stale": "rebuilt", "broken": "rebuilt",
+                "complete": "overwritten"}.get(status, "built")
 
     def _extract(self, samples: Sequence[Sample], paths: BankPaths, fp: dict[str, Any],
                  desc: str, cache: ImageCache | None = None) -> None:
@@ -204,7 +226,11 @@ class Extractor:
                 total = -(-len(samples) // self.config.batch_size)
             else:
                 if cache is not None:
-                    filling = stack.enter_context(cache.writer())
+                    try:
+                        filling = stack.enter_context(cache.writer())
+                    except OSError as err:  # the cache only saves time
+                        log.warning("%s: cannot write the image cache (%s); extracting without "
+                                    "it", cache.npy, err)
                 workers = self.config.num_workers if self.config.num_workers is not None else \
                     default_workers()
                 loader = DataLoader(
@@ -232,8 +258,26 @@ class Extractor:
 
 
 def extract(data_root: Path, categories: Sequence[str], config: ExtractConfig, banks_dir: Path,
-            overwrite: bool = False) -> dict[str, dict[str, str]]:
-    """Extract banks for every category with one backbone build."""
+            overwrite: bool = False, *, fail_fast: bool = True) -> dict[str, dict[str, str]]:
+    """Extract banks for every category with one backbone build.
+
+    ``fail_fast=False`` goes on past a category that fails (a bad image, a full disk, memory)
+    and then raises :class:`PartialFailure` with every failure, its ``result`` holding what
+    the finished categories did.
+    """
     extractor = Extractor(config)
-    return {c: extractor.run(data_root, c, banks_dir, overwrite) for c in categories}
+    done: dict[str, dict[str, str]] = {}
+    failures: list[tuple[str, BaseException]] = []
+    for category in categories:
+        try:
+            done[category] = extractor.run(data_root, category, banks_dir, overwrite)
+        except ITEM_ERRORS as err:
+            if fail_fast:
+                raise
+            if len(categories) > 1:
+                log.error("%s: extraction failed, going on with the other categories", category)
+            failures.append((category, err))
+    if failures:
+        raise PartialFailure(failures, result=done, total=len(categories))
+    return done
 

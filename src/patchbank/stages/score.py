@@ -18,11 +18,25 @@ import numpy as np
 import pandas as pd
 
 from patchbank import __version__
+from patchbank.core.atomic import file_lock, sweep_stale_temporaries
 from patchbank.core.errors import BankError, PatchbankError
 from patchbank.scorers import make_scorer
-from patchbank.store.banks import Bank, find_tags, load_pair
+from patchbank.store.banks import (
+    SPLITS,
+    Bank,
+    BankPaths,
+    extract_command,
+    find_tags,
+    load_pair,
+)
 from patchbank.store.banks import fingerprint_diff as _diff
-from patchbank.store.runs import SCORE_COLUMNS, RunPaths, read_run_info, write_run
+from patchbank.store.runs import (
+    SCORE_COLUMNS,
+    RunPaths,
+    read_run_info,
+    verify_run,
+    write_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +49,18 @@ MODEL_FILE = "model.npz"
 def resolve_tag(banks_dir: Path, backbone: str, category: str, tag: str | None = None) -> str:
     """The bank configuration to score: ``tag`` (exact or a unique prefix), or the only one."""
     tags = find_tags(banks_dir, backbone, category)
-    hint = (f"run `python scripts/extract.py --backbone {backbone} --category {category} "
-            f"--banks-dir {banks_dir}` first")
     if not tags:
+        # an extraction that never finished leaves bank files but no test fingerprint: say so
+        started = sorted({p.parent.parent.name for p in Path(banks_dir, backbone).glob(
+            f"*/{category}/*") if p.name.split(".")[0] in SPLITS})
+        if started and (tag is None or any(t.startswith(tag) for t in started)):
+            t = next(t for t in started if tag is None or t.startswith(tag))
+            raise BankError(
+                f"{BankPaths.of(banks_dir, backbone, t, category, 'test').json}: test bank "
+                f"missing (extraction unfinished?); re-run "
+                f"`{extract_command(banks_dir, backbone, t, category)}`")
+        hint = (f"run `python scripts/extract.py --backbone {backbone} --category {category} "
+                f"--data-root DATA_ROOT --banks-dir {banks_dir}` first")
         raise BankError(f"{Path(banks_dir, backbone)}: no {category} banks; {hint}")
     if tag is None:
         if len(tags) > 1:
@@ -70,6 +93,20 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(order[n_out:]), np.sort(order[:n_out])
 
 
+def check_finite(bank: Bank, banks_dir: Path, backbone: str, tag: str, category: str,
+                 split: str) -> None:
+    """Refuse a bank holding NaN or inf (float16 overflow) before any fitting."""
+    for layer, arr in bank.taps.items():
+        step = max(1, (1 << 24) // max(1, int(np.prod(arr.shape[1:]))))
+        for lo in range(0, len(arr), step):
+            if not np.isfinite(arr[lo:lo + step]).all():
+                path = BankPaths.of(banks_dir, backbone, tag, category, split).tap(layer)
+                raise BankError(
+                    f"{path}: NaN/inf features (images {lo}..{min(lo + step, len(arr)) - 1}); "
+                    f"re-extract: `{extract_command(banks_dir, backbone, tag, category)} "
+                    "--overwrite`")
+
+
 def input_size(bank: Bank) -> int:
     """Side of the square model input the grid was computed on (the crop when cropping)."""
     return int(bank.fingerprint.get("crop") or bank.fingerprint["image_size"])
@@ -89,7 +126,7 @@ def score_category(
     seed: int = 0,
     device: str = "auto",
     overwrite: bool = False,
-) -> str:
+) -> tuple[str, str]:
     """Fit ``method`` on the train bank and score the test bank; returns (run folder name,
     what happened).
 
@@ -104,7 +141,10 @@ def score_category(
     except ValueError as err:
         raise PatchbankError(f"--method {method}: {err}") from None
     tag = resolve_tag(banks_dir, backbone, category, bank)
+    # Both banks are validated (files, shapes, train/test consistency, finite values) before
+    # anything is fitted.
     train, test = load_pair(banks_dir, backbone, tag, category)
+    check_finite(test, banks_dir, backbone, tag, category, "test")
     name = name or run_name(method, scorer.params, tag, holdout, seed)
     paths = RunPaths.of(scores_dir, backbone, name, category)
     info: dict[str, Any] = {
@@ -115,18 +155,36 @@ def score_category(
         "banks": {"train": train.fingerprint, "test": test.fingerprint},
         "patchbank_version": __version__,
     }
-    old = read_run_info(paths)
-    status = "computed"
-    if old is not None:
-        diff = _diff({k: old.get(k) for k in RUN_KEYS}, {k: info[k] for k in RUN_KEYS})
-        if not diff and not overwrite:
-            log.info("%s: up to date, skipped", paths.folder)
-            return name, "skipped"
-        status = "overwritten" if not diff else "recomputed"
-        if diff:
-            log.warning("%s: configuration changed (%s), recomputing", paths.folder,
-                        "; ".join(d[:120] for d in diff))
+    # One writer per run folder: a second score (or evaluate) run waits, then finds it done.
+    with file_lock(paths.lock, on_wait=lambda: log.info(
+            "%s: another score or evaluate run is writing it; waiting", paths.folder)):
+        sweep_stale_temporaries(paths.folder)  # left by killed runs
+        old = read_run_info(paths)
+        status = "computed"
+        if old is None and paths.run_json.exists():
+            log.warning("%s: unreadable run.json, recomputing", paths.folder)
+            status = "recomputed"
+        if old is not None:
+            diff = _diff({k: old.get(k) for k in RUN_KEYS}, {k: info[k] for k in RUN_KEYS})
+            damaged = [] if diff else verify_run(paths, old)
+            if not diff and not damaged and not overwrite:
+                log.info("%s: up to date, skipped", paths.folder)
+                return name, "skipped"
+            status = "overwritten" if not diff and not damaged else "recomputed"
+            if diff:
+                log.warning("%s: configuration changed (%s), recomputing", paths.folder,
+                            "; ".join(d[:120] for d in diff))
+            elif damaged:
+                log.warning("%s: damaged (%s), recomputing", paths.folder, "; ".join(damaged))
+        _fit_score_write(scorer, method, backbone, category, name, tag, train, test, paths,
+                         info, holdout, seed, device)
+    return name, status
 
+
+def _fit_score_write(scorer: Any, method: str, backbone: str, category: str, name: str,
+                     tag: str, train: Bank, test: Bank, paths: RunPaths, info: dict[str, Any],
+                     holdout: float, seed: int, device: str) -> None:
+    """Fit, score, hold out, and write the run (``run.json`` last)."""
     t0 = time.perf_counter()
     try:
         scorer.fit(train.taps)
@@ -139,7 +197,7 @@ def score_category(
     # The old run stops counting as complete before its model is replaced.
     paths.run_json.unlink(missing_ok=True)
     paths.folder.mkdir(parents=True, exist_ok=True)
-    model_bytes = scorer.save(paths.folder / MODEL_FILE)
+    model_bytes = scorer.save(paths.model)
     log.info("%s %s/%s: fit %.1f s, score %.1f s", method, backbone, category, fit_s, score_s)
 
     train_scores, holdout_s = None, None
@@ -180,4 +238,3 @@ def score_category(
         "model": {"file": MODEL_FILE, "bytes": model_bytes},
     })
     write_run(paths, table, maps, train_scores, info)
-    return name, status
