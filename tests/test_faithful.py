@@ -258,10 +258,10 @@ def test_reweighting_with_n_reweight_3_follows_eq_7() -> None:
     assert eq7(0.5, dists) == pytest.approx(0.4102907, abs=1e-6)  # worked by hand
     assert scores[0] == pytest.approx(0.4102907, abs=1e-5)
     assert maps[0, 0, 0] == pytest.approx(0.5, abs=1e-6)  # maps are not re-weighted
-    # with squared distances (the default) the same formula runs on the squared values
+    # with squared maps (the default) eq. 7 still runs on plain distances, as the paper has it
     squared = PatchCoreScorer(device="cpu", n_reweight=3, **IDENTITY).fit(train)
     s, m = squared.score(test)
-    assert s[0] == pytest.approx(eq7(0.25, dists**2), abs=1e-5)
+    assert s[0] == pytest.approx(0.4102907, abs=1e-5)
     assert m[0, 0, 0] == pytest.approx(0.25, abs=1e-6)
     for b in (0, 1):  # off: the image score is the max of the map
         s, _ = PatchCoreScorer(device="cpu", n_reweight=b, **IDENTITY).fit(train).score(test)
@@ -269,6 +269,14 @@ def test_reweighting_with_n_reweight_3_follows_eq_7() -> None:
 
 
 # ---------------------------------------------------------------- (e) choose_layers
+
+
+def test_choose_layers_keeps_taps_of_one_grid() -> None:
+    # ViT blocks share one grid: "coarse" must not drop the first of three
+    grids = [(16, 16)] * 3
+    assert make_scorer("patchcore").choose_layers((4, 7, 10), grids) == (4, 7, 10)
+    assert make_scorer("patchcore").choose_layers((1, 2, 3), [(56, 56), (28, 28), (14, 14)]) \
+        == (2, 3)
 
 
 def test_choose_layers_per_method() -> None:

@@ -239,11 +239,17 @@ class Scorer(ABC):
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{type(self).__name__}({args})"
 
-    def choose_layers(self, available: Sequence[int]) -> tuple[int, ...]:
-        """The bank layers this scorer uses: its ``tap_policy`` or the ``layers`` parameter."""
+    def choose_layers(self, available: Sequence[int],
+                      grids: Sequence[tuple[int, int]] | None = None) -> tuple[int, ...]:
+        """The bank layers this scorer uses: its ``tap_policy`` or the ``layers`` parameter.
+
+        "coarse" drops the first tap only when there are 3+ taps and it is strictly finer than
+        the next one (a CNN's stride-4 tap); taps of one grid (ViT blocks) are all kept.
+        """
         value = str(self.params["layers"]).strip().lower()
         if value == "auto":
-            if self.tap_policy == "coarse" and len(available) >= 3:
+            finer = grids is None or (len(grids) > 1 and grids[0][0] > grids[1][0])
+            if self.tap_policy == "coarse" and len(available) >= 3 and finer:
                 return tuple(available[1:])
             return tuple(available)
         try:
@@ -262,7 +268,8 @@ class Scorer(ABC):
         """The chosen taps of ``features``, checked (shapes must match the train bank's)."""
         taps = as_taps(features)
         if role == "train":
-            self.layers_ = self.choose_layers(tuple(taps))
+            grids = [tuple(np.shape(t)[1:3]) for t in taps.values()]
+            self.layers_ = self.choose_layers(tuple(taps), grids)
         missing = [x for x in self.layers_ if x not in taps]
         if missing:
             raise BankError(f"{role} bank lacks layers {missing} the scorer was fitted on: "

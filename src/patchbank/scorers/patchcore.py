@@ -13,7 +13,7 @@ Default steps (``aggregation="official"``), checked against the official code:
 5. Faiss 1-NN against the coreset; the map is the NN distance **squared** (Faiss' L2, as the
    official scorer reports it; ``squared=false`` for plain distances) and the image score is
    the map's maximum. The official code does not re-weight; the paper's eq. 7 re-weighting is
-   ``n_reweight=b`` (b >= 2).
+   ``n_reweight=b`` (b >= 2; computed on plain distances, as the paper defines it).
 
 Steps 2 and 3 are linear maps on different axes, so pooling each tap at its own resolution and
 then interpolating gives the official result (to float rounding, tested) for less work.
@@ -181,5 +181,5 @@ class PatchCoreScorer(Scorer):
             q = feats[rows[i]].astype(np.float64)
             d = np.linalg.norm(self.memory_bank_[support[i]].astype(np.float64) - q, axis=1)
             s = float(np.linalg.norm(self.memory_bank_[m_star[i]].astype(np.float64) - q))
-            scores[i] = reweight(s ** power, d ** power)
+            scores[i] = reweight(s, d)  # eq. 7 is defined on plain distances
         return scores, maps
