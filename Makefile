@@ -24,3 +24,13 @@ bench: $(STAMP)
 
 bench-quality: $(STAMP)
 	$(PY) scripts/bench_quality.py
+
+# The Streamlit app on http://127.0.0.1:8501 (ARGS="--scores-dir DIR --port N").
+APP_STAMP := .venv/.installed-app
+.PHONY: app
+$(APP_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[app,weights]"
+	touch $(APP_STAMP)
+
+app: $(APP_STAMP)
+	$(PY) -m patchbank.app.launch $(ARGS)

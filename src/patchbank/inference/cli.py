@@ -1,0 +1,145 @@
+"""``scripts/predict.py``: score new images with a fitted run - parsing, then the package."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from patchbank.cli import _main
+from patchbank.core.errors import PatchbankError
+
+log = logging.getLogger("patchbank")
+
+COLUMNS = ["path", "score", "decision", "threshold", "threshold_kind", "seconds"]
+PIXEL_COLUMNS = ["pixel_threshold", "pixel_threshold_kind", "defect_fraction"]
+
+
+def overlay_names(paths: Sequence[str]) -> list[str]:
+    """One PNG name per image: its stem, made unique with ``-2``, ``-3``... on collisions."""
+    seen: dict[str, int] = {}
+    names = []
+    for p in paths:
+        stem = Path(p).stem or "image"
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(f"{stem}.png" if seen[stem] == 1 else f"{stem}-{seen[stem]}.png")
+    return names
+
+
+@contextmanager
+def _replacing(target: Path) -> Iterator[Path]:
+    """A temporary path beside ``target``, renamed onto it on success, removed on failure."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def predict_main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        description="Score new images with a fitted run (scores/<backbone>/<run>/<category>).")
+    p.add_argument("--run", type=Path, required=True,
+                   help="score-run folder holding run.json and model.npz")
+    p.add_argument("--images", required=True, help="an image, a folder, or a quoted glob")
+    p.add_argument("--out", type=Path, default=Path("predictions.csv"),
+                   help="CSV with one row per image (default: predictions.csv)")
+    p.add_argument("--heatmaps", type=Path, default=None,
+                   help="folder for one overlay PNG per image (heatmap + defect-mask outline)")
+    p.add_argument("--threshold", default="auto",
+                   help="auto (mean + 3 sigma of held-out train scores), f1 (oracle, from the "
+                        "evaluation), or a number")
+    p.add_argument("--pixel-threshold", default=None,
+                   help="defect-mask threshold on the heatmap: auto (held-out train maps, needs "
+                        "the train bank), oracle (best Dice on the test set), none, or a number "
+                        "(default: auto, or no mask when auto is not possible)")
+    p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in overlays")
+    p.add_argument("--weights", default=None,
+                   help="weights file, needed when the banks were extracted from a local file")
+    p.add_argument("--banks-dir", type=Path, default=None,
+                   help="where the run's banks are (for --pixel-threshold auto; default: "
+                        "featurebanks/ beside the scores folder)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=None, help="decode workers (default: auto)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="give unreadable images an error row instead of stopping")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    def run(args: argparse.Namespace) -> None:
+        from PIL import Image
+
+        from patchbank.inference import (
+            iter_predict,
+            list_images,
+            load_run_model,
+            parse_threshold,
+            prediction_overlay,
+        )
+
+        threshold = parse_threshold(args.threshold)
+        explicit_pixel = args.pixel_threshold is not None
+        pixel = parse_threshold(args.pixel_threshold if explicit_pixel else "auto",
+                                "--pixel-threshold", ("auto", "oracle", "dice", "none"))
+        if args.batch_size < 1:
+            raise PatchbankError(f"--batch-size {args.batch_size}: must be at least 1")
+        images = list_images(args.images)
+        model = load_run_model(args.run, weights=args.weights, device=args.device,
+                               banks_dir=args.banks_dir)
+        print(model.describe(), file=sys.stderr)
+        print(f"image threshold: {model.image_threshold(threshold)}", file=sys.stderr)
+        maps = args.heatmaps is not None
+        if maps and not model.pixel_level:
+            log.warning("%s is an image-level method: no anomaly maps, no heatmaps written",
+                        model.method)
+            maps = False
+        if maps and pixel != "none":
+            try:
+                print(f"pixel threshold: {model.pixel_threshold(pixel)}", file=sys.stderr)
+            except PatchbankError as err:
+                if explicit_pixel:
+                    raise
+                log.warning("%s; overlays without a defect mask", err)
+                pixel = "none"
+        names = overlay_names([str(x) for x in images])
+        if maps:
+            args.heatmaps.mkdir(parents=True, exist_ok=True)
+        columns = COLUMNS + (PIXEL_COLUMNS if maps and pixel != "none" else []) + \
+            (["error"] if args.skip_bad else [])
+        n = anomalous = bad = 0
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with _replacing(args.out) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, columns, extrasaction="ignore")
+            writer.writeheader()
+            for pred in iter_predict(
+                    model, images, threshold=threshold, maps=maps,
+                    pixel_threshold=None if pixel == "none" else pixel, keep_images=maps,
+                    batch_size=args.batch_size, num_workers=args.workers,
+                    on_error="skip" if args.skip_bad else "raise"):
+                writer.writerow(pred.row())
+                n += 1
+                anomalous += pred.anomalous
+                bad += pred.error is not None
+                if pred.error is not None:
+                    log.warning("%s", pred.error)
+                elif maps:
+                    picture = prediction_overlay(model, pred, alpha=args.alpha)
+                    target = args.heatmaps / names[pred.index]
+                    with _replacing(target) as tmp_png:
+                        Image.fromarray(picture).save(tmp_png, format="PNG", compress_level=1)
+        print(f"{n} images: {anomalous} anomalous, {n - anomalous - bad} good"
+              + (f", {bad} unreadable" if bad else "") + f" -> {args.out}"
+              + (f", overlays in {args.heatmaps}" if maps else ""))
+
+    _main(p, run, argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    predict_main()
