@@ -77,6 +77,9 @@ def test_notebook_executes_on_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("JUPYTER_PATH", str(private_kernel(tmp_path / "jupyter")))
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
     monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
+    # Streamlit (imported by the app tests in this process) sets MPLBACKEND=Agg, which the
+    # kernel would inherit: plt.show() would then display nothing.
+    monkeypatch.delenv("MPLBACKEND", raising=False)
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
