@@ -21,14 +21,24 @@ def reduce_patches(patch_scores: np.ndarray, reduce: str, topk_frac: float) -> n
     return np.partition(s, s.shape[1] - n, axis=1)[:, -n:].mean(axis=1)
 
 
+def top_sigma_channels(z: np.ndarray, n: int) -> np.ndarray:
+    """Indices (ascending) of the ``n`` channels of pooled features ``z`` (N, C) with the highest
+    standard deviation over the N images (ties: lower index first); all channels if n >= C."""
+    std = np.asarray(z, dtype=np.float64).std(axis=0)
+    return np.sort(np.argsort(-std, kind="stable")[: min(int(n), len(std))])
+
+
 class KNNScorer(Scorer):
     """Patch level: memory bank = every training patch, map = mean distance to the k nearest,
     image score = max (or top-fraction mean) of the map. Image level: pooled embeddings, image
-    score = mean distance to the k nearest training images, no maps."""
+    score = mean distance to the k nearest training images, no maps; ``top_sigma`` N > 0 keeps
+    only the N pooled channels with the highest standard deviation over the train images (the
+    seeds' variant: N = 500, k = 50)."""
 
     name: ClassVar[str] = "knn"
     defaults: ClassVar[dict[str, Any]] = {
         "level": "patch", "k": 1, "metric": "l2", "reduce": "max", "topk_frac": 0.01,
+        "top_sigma": 0,
     }
     choices: ClassVar[dict[str, tuple[str, ...]]] = {
         "level": ("patch", "image"), "metric": METRICS, "reduce": ("max", "topk"),
@@ -39,19 +49,28 @@ class KNNScorer(Scorer):
     def _check_params(self) -> None:
         self._require(self.params["k"] >= 1, "k", ">= 1")
         self._require(0 < self.params["topk_frac"] <= 1, "topk_frac", "in (0, 1]")
+        self._require(self.params["top_sigma"] >= 0, "top_sigma", ">= 0 (0 = all channels)")
+        self._require(self.params["top_sigma"] == 0 or self.params["level"] == "image",
+                      "top_sigma", "0 unless level=image")
         # instance attribute: image-level k-NN produces no maps
         self.pixel_level = self.params["level"] == "patch"  # type: ignore[misc]
 
     def _fit(self, train: np.ndarray) -> None:
         vectors = train.reshape(-1, train.shape[-1]) if self.pixel_level else pooled(train)
+        channels = np.arange(vectors.shape[-1])
+        if self.params["top_sigma"]:
+            channels = top_sigma_channels(vectors, self.params["top_sigma"])
+            vectors = vectors[:, channels]
         self._check_k(len(vectors))
-        self._set_state({"vectors": vectors})
+        self._set_state({"vectors": vectors, "channels": channels})
 
     def _state(self) -> dict[str, np.ndarray]:
-        return {"vectors": self._vectors}
+        return {"vectors": self._vectors, "channels": self._channels}
 
     def _set_state(self, arrays: Mapping[str, np.ndarray]) -> None:
         self._vectors = arrays["vectors"]
+        self._channels = np.asarray(arrays.get("channels", np.arange(self._vectors.shape[-1])),
+                                    dtype=np.int64)
         self._index = FlatIndex(self._vectors, self.params["metric"], self.device)
 
     def _check_k(self, n: int) -> None:
@@ -62,7 +81,7 @@ class KNNScorer(Scorer):
     def _score(self, test: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         k = self.params["k"]
         if not self.pixel_level:
-            dist, _ = self._index.search(pooled(test), k)
+            dist, _ = self._index.search(pooled(test)[:, self._channels], k)
             return dist.mean(axis=1, dtype=np.float64), None
         dist, _ = self._index.search(test, k, desc="knn patches")
         maps = dist.mean(axis=1).reshape(test.shape[:3]).astype(np.float32)
