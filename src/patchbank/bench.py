@@ -179,3 +179,47 @@ def bench_evaluate(scores_dir: Path, backbone: str, method: str, category: str,
     return {"method": method, "images": len(maps), "pixels": sum(m.size for m in maps),
             "maps_s": t_maps, "metrics_s": time.perf_counter() - t0,
             "extra_rss_mib": peak_rss_mib() - before, **pixel}
+
+
+def coreset_points(banks_dir: Path, backbone: str, category: str, tag: str | None = None,
+                   proj_dim: int = 128, seed: int = 0) -> np.ndarray:
+    """PatchCore's coreset input for one train bank: its aggregated patch features, projected
+    to ``proj_dim`` dims as the coreset selection does (float32, (patches, proj_dim))."""
+    from patchbank.scorers import make_scorer
+    from patchbank.scorers.coreset import project
+    from patchbank.store.banks import load_bank
+
+    if tag is None:
+        tags = sorted(p.name for p in Path(banks_dir, backbone).iterdir()
+                      if Path(p, category).is_dir())
+        if len(tags) != 1:
+            raise ValueError(f"{banks_dir}/{backbone}: {len(tags)} tags with {category}, "
+                             "give one")
+        tag = tags[0]
+    bank = load_bank(banks_dir, backbone, tag, category, "train")
+    scorer = make_scorer("patchcore", device="cpu")
+    feats = scorer._features(scorer._taps(bank.taps, "train"))
+    return project(feats, proj_dim, "uniform", np.random.default_rng(seed))
+
+
+def bench_coreset(points: np.ndarray, sizes: list[int], methods: list[str],
+                  fraction: float = 0.1, seed: int = 0) -> list[dict[str, float]]:
+    """Seconds (wall and process CPU) of PatchCore's coreset selection, ``int(fraction * size)``
+    centres with the default initialisation, on seeded random subsets of ``points`` (already
+    projected: no projection is timed), per size and greedy method."""
+    from patchbank.scorers.coreset import coreset_indices
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for size in sizes:
+        size = min(size, len(points))
+        sub = np.ascontiguousarray(points[np.sort(rng.choice(len(points), size, replace=False))],
+                                   dtype=np.float32)
+        n = int(fraction * size)
+        for method in methods:
+            t0, c0 = time.perf_counter(), time.process_time()
+            coreset_indices(sub, n, proj_dim=sub.shape[1], seed=seed, method=method)
+            rows.append({"patches": size, "centres": n, "method": method,
+                         "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0})
+            log.info("coreset %s: %d -> %d in %.1f s", method, size, n, rows[-1]["wall_s"])
+    return rows

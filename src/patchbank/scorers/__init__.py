@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 from collections.abc import Mapping
@@ -48,6 +49,18 @@ def make_scorer(name: str, params: Mapping[str, str | int | float | bool | None]
     return SCORERS[name](device=device, **dict(params or {}))
 
 
+def methods_help() -> str:
+    """One line per method: its parameters with their defaults (and the options of choices)."""
+    lines = []
+    for name, cls in SCORERS.items():
+        parts = []
+        for f in dataclasses.fields(cls.Params):
+            options = f.metadata.get("choices")
+            parts.append(f"{f.name}={f.default}" + (f" ({'|'.join(options)})" if options else ""))
+        lines.append(f"  {name}: {', '.join(parts)}")
+    return "methods and their parameters (--param key=value):\n" + "\n".join(lines)
+
+
 def load_scorer(path: Path, device: str = "auto") -> Scorer:
     """A fitted scorer read back from :meth:`Scorer.save` (arrays only, ``allow_pickle=False``);
     a missing, damaged or foreign file raises one-line ScoresError naming it."""
@@ -70,4 +83,4 @@ def load_scorer(path: Path, device: str = "auto") -> Scorer:
         raise ScoresError(f"{path}: inconsistent model ({err}); {hint}") from None
 
 
-__all__ = ["SCORERS", "PooledScorer", "Scorer", "load_scorer", "make_scorer"]
+__all__ = ["SCORERS", "PooledScorer", "Scorer", "load_scorer", "make_scorer", "methods_help"]

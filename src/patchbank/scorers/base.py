@@ -10,9 +10,12 @@ backbone).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import types
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -95,6 +98,65 @@ def coerce_param(method: str, key: str, value: Any, types: tuple[type, ...],
                          f"got {value!r}")
     return out
 
+
+def choice(default: str, options: Sequence[str]) -> Any:
+    """A string parameter field restricted to ``options``."""
+    return dataclasses.field(default=default, metadata={"choices": tuple(options)})
+
+
+def _types_of(hint: Any) -> tuple[type, ...]:
+    """``int | None`` -> (int, NoneType); a plain type -> (type,)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return tuple(typing.get_args(hint))
+    return (hint,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """A scorer's parameters: one typed field per parameter, with its default (the method's
+    reference setting). String fields made with :func:`choice` are restricted to their options;
+    :meth:`check` holds the range checks. Every scorer takes ``layers``: "auto" (the method's
+    ``tap_policy``) or a comma list of the bank's layers. The canonical JSON of
+    :meth:`as_dict` names the configuration (run hashes, run.json, model.npz).
+    """
+
+    layers: str = "auto"
+
+    @classmethod
+    def parse(cls, method: str, values: Mapping[str, Any] | None = None) -> Self:
+        """Parameters from ``values`` (strings from the command line, or Python values), each
+        converted to its field's type. Unknown key, a value that does not parse or is out of
+        range -> ValueError naming the method and the key."""
+        values = dict(values or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"{method}: unknown parameter(s) {unknown}; "
+                             f"valid keys: {sorted(fields)}")
+        if isinstance(values.get("layers"), (list, tuple)):
+            values["layers"] = ",".join(str(int(x)) for x in values["layers"])
+        hints = typing.get_type_hints(cls)
+        kw = {key: coerce_param(method, key, value, _types_of(hints[key]),
+                                fields[key].metadata.get("choices"))
+              for key, value in values.items()}
+        params = cls(**kw)
+        try:
+            params.check()
+        except ValueError as err:
+            raise ValueError(f"{method}: {err}") from None
+        return params
+
+    def check(self) -> None:
+        """Range checks; raise ValueError via :meth:`require` (none by default)."""
+
+    def require(self, ok: bool, key: str, what: str) -> None:
+        """ValueError "parameter KEY must be WHAT, got VALUE" unless ``ok``."""
+        if not ok:
+            raise ValueError(f"parameter {key!r} must be {what}, got {getattr(self, key)!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every parameter by name (JSON types)."""
+        return dataclasses.asdict(self)
 
 
 def check_bank(bank: Any, role: str, grid: tuple[int, int, int] | None = None) -> np.ndarray:
@@ -183,18 +245,14 @@ def pooled(bank: np.ndarray) -> np.ndarray:
 class Scorer(ABC):
     """One anomaly-scoring method: ``fit`` on a train bank, ``score`` a test bank.
 
-    Subclasses set ``name``, ``defaults`` (every parameter with its default; the default's type
-    is the parameter's type unless ``param_types`` says otherwise, e.g. for None defaults),
-    ``choices`` for string parameters, ``pixel_level`` and ``map_sigma``, and implement
-    ``_fit`` / ``_score``. Every scorer also takes ``layers``: "auto" (the method's
-    ``tap_policy``) or a comma list of the bank's layers; taps are aligned with ``upsample``
-    unless ``multi_tap`` (then ``_fit``/``_score`` receive the list of chosen taps).
+    Subclasses set ``name``, ``Params`` (a frozen :class:`Params` dataclass: every parameter,
+    typed, with its default), ``pixel_level`` and ``map_sigma``, and implement ``_fit`` /
+    ``_score``. Taps are aligned with ``upsample`` unless ``multi_tap`` (then ``_fit`` /
+    ``_score`` receive the list of chosen taps).
     """
 
     name: ClassVar[str]
-    defaults: ClassVar[dict[str, Any]]
-    param_types: ClassVar[dict[str, tuple[type, ...]]] = {}
-    choices: ClassVar[dict[str, tuple[str, ...]]] = {}
+    Params: ClassVar[type[Params]] = Params
     #: Gaussian sigma in model-input pixels the evaluate stage applies after upsampling maps.
     map_sigma: ClassVar[float] = 0.0
     pixel_level: ClassVar[bool] = False
@@ -205,35 +263,17 @@ class Scorer(ABC):
     tap_policy: ClassVar[str] = "coarse"
     upsample: ClassVar[str] = "bilinear"
     multi_tap: ClassVar[bool] = False
-    #: parameters every scorer takes, on top of its own ``defaults``.
-    common: ClassVar[dict[str, Any]] = {"layers": "auto"}
 
     def __init__(self, *, device: str = "auto", **params: Any) -> None:
-        defaults = {**self.common, **self.defaults}
-        unknown = sorted(set(params) - set(defaults))
-        if unknown:
-            raise ValueError(f"{self.name}: unknown parameter(s) {unknown}; "
-                             f"valid keys: {sorted(defaults)}")
-        resolved = dict(defaults)
-        if isinstance(params.get("layers"), (list, tuple)):
-            params["layers"] = ",".join(str(int(x)) for x in params["layers"])
-        for key, value in params.items():
-            types = self.param_types.get(key, (type(defaults[key]),))
-            resolved[key] = coerce_param(self.name, key, value, types, self.choices.get(key))
-        self.params: dict[str, Any] = resolved
+        self.p = self.Params.parse(self.name, params)
         self.device = resolve_device(device)
         self._shapes: list[tuple[int, ...]] | None = None
         self.layers_: tuple[int, ...] = ()
-        self._check_params()
 
-    def _check_params(self) -> None:
-        """Range checks on ``self.params``; raise ValueError naming the key (none by default)."""
-        return None
-
-    def _require(self, ok: bool, key: str, what: str) -> None:
-        if not ok:
-            raise ValueError(f"{self.name}: parameter {key!r} must be {what}, "
-                             f"got {self.params[key]!r}")
+    @property
+    def params(self) -> dict[str, Any]:
+        """The parameters as a dict (what run.json and model.npz record)."""
+        return self.p.as_dict()
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
@@ -246,7 +286,7 @@ class Scorer(ABC):
         "coarse" drops the first tap only when there are 3+ taps and it is strictly finer than
         the next one (a CNN's stride-4 tap); taps of one grid (ViT blocks) are all kept.
         """
-        value = str(self.params["layers"]).strip().lower()
+        value = self.p.layers.strip().lower()
         if value == "auto":
             finer = grids is None or (len(grids) > 1 and grids[0][0] > grids[1][0])
             if self.tap_policy == "coarse" and len(available) >= 3 and finer:
@@ -256,7 +296,7 @@ class Scorer(ABC):
             wanted = tuple(sorted({int(x) for x in value.split(",") if x.strip()}))
         except ValueError:
             raise ValueError(f"{self.name}: parameter 'layers' must be 'auto' or a comma list of "
-                             f"layers, got {self.params['layers']!r}") from None
+                             f"layers, got {self.p.layers!r}") from None
         missing = [x for x in wanted if x not in available]
         if not wanted or missing:
             raise BankError(f"{self.name}: layers {list(wanted)} asked for, the bank holds "

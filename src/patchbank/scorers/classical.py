@@ -7,7 +7,8 @@ All return higher = more anomalous (sklearn's ``decision_function`` / ``score_sa
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from sklearn.cluster import KMeans
@@ -19,7 +20,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import OneClassSVM
 
-from patchbank.scorers.base import PooledScorer
+from patchbank.scorers.base import Params, PooledScorer
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +42,22 @@ class MahalanobisScorer(PooledScorer):
     Ledoit-Wolf shrinkage, after optional PCA (int components or float variance fraction)."""
 
     name: ClassVar[str] = "mahalanobis"
-    defaults: ClassVar[dict[str, Any]] = {"pca": None}
-    param_types: ClassVar[dict[str, tuple[type, ...]]] = {"pca": (int, float, type(None))}
     min_train: ClassVar[int] = 2
 
-    def _check_params(self) -> None:
-        pca = self.params["pca"]
-        if isinstance(pca, float) and pca >= 1 and pca.is_integer():
-            pca = self.params["pca"] = int(pca)  # 10.0 -> 10 components
-        self._require(pca is None or (isinstance(pca, int) and pca >= 0)
-                      or (isinstance(pca, float) and 0 < pca < 1), "pca",
-                      "None, an int >= 0 or a variance fraction in (0, 1)")
+    @dataclass(frozen=True)
+    class Params(Params):
+        pca: int | float | None = None
+
+        def check(self) -> None:
+            pca = self.pca
+            if isinstance(pca, float) and pca >= 1 and pca.is_integer():
+                object.__setattr__(self, "pca", int(pca))  # 10.0 -> 10 components
+            self.require(self.pca is None or (isinstance(self.pca, int) and self.pca >= 0)
+                         or (isinstance(self.pca, float) and 0 < self.pca < 1), "pca",
+                         "None, an int >= 0 or a variance fraction in (0, 1)")
 
     def _fit_pooled(self, z: np.ndarray) -> None:
-        self._pca = make_pca(self.params["pca"], *z.shape)
+        self._pca = make_pca(self.p.pca, *z.shape)
         if self._pca is not None:
             z = self._pca.fit_transform(z)
             log.info("mahalanobis: PCA to %d dims", self._pca.n_components_)
@@ -70,14 +73,17 @@ class OCSVMScorer(PooledScorer):
     """One-class SVM (RBF kernel, gamma="scale") on standardised pooled features."""
 
     name: ClassVar[str] = "ocsvm"
-    defaults: ClassVar[dict[str, Any]] = {"nu": 0.1}
 
-    def _check_params(self) -> None:
-        self._require(0 < self.params["nu"] <= 1, "nu", "in (0, 1]")
+    @dataclass(frozen=True)
+    class Params(Params):
+        nu: float = 0.1
+
+        def check(self) -> None:
+            self.require(0 < self.nu <= 1, "nu", "in (0, 1]")
 
     def _fit_pooled(self, z: np.ndarray) -> None:
         self._model: Pipeline = make_pipeline(
-            StandardScaler(), OneClassSVM(nu=self.params["nu"], gamma="scale")).fit(z)
+            StandardScaler(), OneClassSVM(nu=self.p.nu, gamma="scale")).fit(z)
 
     def _score_pooled(self, z: np.ndarray) -> np.ndarray:
         return -self._model.decision_function(z)
@@ -87,14 +93,18 @@ class IForestScorer(PooledScorer):
     """Isolation forest (seeded) on pooled features."""
 
     name: ClassVar[str] = "iforest"
-    defaults: ClassVar[dict[str, Any]] = {"n_estimators": 200, "seed": 0}
 
-    def _check_params(self) -> None:
-        self._require(self.params["n_estimators"] >= 1, "n_estimators", ">= 1")
+    @dataclass(frozen=True)
+    class Params(Params):
+        n_estimators: int = 200
+        seed: int = 0
+
+        def check(self) -> None:
+            self.require(self.n_estimators >= 1, "n_estimators", ">= 1")
 
     def _fit_pooled(self, z: np.ndarray) -> None:
-        self._model = IsolationForest(n_estimators=self.params["n_estimators"],
-                                      random_state=self.params["seed"]).fit(z)
+        self._model = IsolationForest(n_estimators=self.p.n_estimators,
+                                      random_state=self.p.seed).fit(z)
 
     def _score_pooled(self, z: np.ndarray) -> np.ndarray:
         return -self._model.score_samples(z)
@@ -104,14 +114,17 @@ class LOFScorer(PooledScorer):
     """Local outlier factor (novelty mode) on pooled features; n_neighbors clipped to N - 1."""
 
     name: ClassVar[str] = "lof"
-    defaults: ClassVar[dict[str, Any]] = {"n_neighbors": 20}
     min_train: ClassVar[int] = 2
 
-    def _check_params(self) -> None:
-        self._require(self.params["n_neighbors"] >= 1, "n_neighbors", ">= 1")
+    @dataclass(frozen=True)
+    class Params(Params):
+        n_neighbors: int = 20
+
+        def check(self) -> None:
+            self.require(self.n_neighbors >= 1, "n_neighbors", ">= 1")
 
     def _fit_pooled(self, z: np.ndarray) -> None:
-        k = min(self.params["n_neighbors"], len(z) - 1)
+        k = min(self.p.n_neighbors, len(z) - 1)
         self._model = LocalOutlierFactor(n_neighbors=k, novelty=True).fit(z)
 
     def _score_pooled(self, z: np.ndarray) -> np.ndarray:
@@ -124,20 +137,24 @@ class EllipticScorer(PooledScorer):
     Score = squared robust Mahalanobis distance."""
 
     name: ClassVar[str] = "elliptic"
-    defaults: ClassVar[dict[str, Any]] = {"pca": 8, "seed": 0}
     min_train: ClassVar[int] = 3
 
-    def _check_params(self) -> None:
-        self._require(self.params["pca"] >= 0, "pca", ">= 0")
+    @dataclass(frozen=True)
+    class Params(Params):
+        pca: int = 8
+        seed: int = 0
+
+        def check(self) -> None:
+            self.require(self.pca >= 0, "pca", ">= 0")
 
     def _fit_pooled(self, z: np.ndarray) -> None:
-        pca = self.params["pca"]
+        pca = self.p.pca
         if pca:
             pca = max(1, min(pca, (len(z) - 1) // 2))
-        self._pca = make_pca(pca, *z.shape, seed=self.params["seed"])
+        self._pca = make_pca(pca, *z.shape, seed=self.p.seed)
         if self._pca is not None:
             z = self._pca.fit_transform(z)
-        self._model = EllipticEnvelope(random_state=self.params["seed"]).fit(z)
+        self._model = EllipticEnvelope(random_state=self.p.seed).fit(z)
 
     def _score_pooled(self, z: np.ndarray) -> np.ndarray:
         if self._pca is not None:
@@ -149,14 +166,18 @@ class KMeansScorer(PooledScorer):
     """k-means (seeded) on pooled features; score = distance to the nearest centroid."""
 
     name: ClassVar[str] = "kmeans"
-    defaults: ClassVar[dict[str, Any]] = {"n_clusters": 8, "seed": 0}
 
-    def _check_params(self) -> None:
-        self._require(self.params["n_clusters"] >= 1, "n_clusters", ">= 1")
+    @dataclass(frozen=True)
+    class Params(Params):
+        n_clusters: int = 8
+        seed: int = 0
+
+        def check(self) -> None:
+            self.require(self.n_clusters >= 1, "n_clusters", ">= 1")
 
     def _fit_pooled(self, z: np.ndarray) -> None:
-        k = min(self.params["n_clusters"], len(z))
-        self._model = KMeans(n_clusters=k, n_init=10, random_state=self.params["seed"]).fit(z)
+        k = min(self.p.n_clusters, len(z))
+        self._model = KMeans(n_clusters=k, n_init=10, random_state=self.p.seed).fit(z)
 
     def _score_pooled(self, z: np.ndarray) -> np.ndarray:
         return self._model.transform(z).min(axis=1)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from patchbank.scorers.base import Scorer, pooled
+from patchbank.scorers.base import Params, Scorer, choice, pooled
 from patchbank.scorers.neighbors import METRICS, FlatIndex
 
 
@@ -36,30 +37,35 @@ class KNNScorer(Scorer):
     seeds' variant: N = 500, k = 50)."""
 
     name: ClassVar[str] = "knn"
-    defaults: ClassVar[dict[str, Any]] = {
-        "level": "patch", "k": 1, "metric": "l2", "reduce": "max", "topk_frac": 0.01,
-        "top_sigma": 0,
-    }
-    choices: ClassVar[dict[str, tuple[str, ...]]] = {
-        "level": ("patch", "image"), "metric": METRICS, "reduce": ("max", "topk"),
-    }
     map_sigma: ClassVar[float] = 4.0
     pixel_level: ClassVar[bool] = True
 
-    def _check_params(self) -> None:
-        self._require(self.params["k"] >= 1, "k", ">= 1")
-        self._require(0 < self.params["topk_frac"] <= 1, "topk_frac", "in (0, 1]")
-        self._require(self.params["top_sigma"] >= 0, "top_sigma", ">= 0 (0 = all channels)")
-        self._require(self.params["top_sigma"] == 0 or self.params["level"] == "image",
-                      "top_sigma", "0 unless level=image")
+    @dataclass(frozen=True)
+    class Params(Params):
+        level: str = choice("patch", ("patch", "image"))
+        k: int = 1
+        metric: str = choice("l2", METRICS)
+        reduce: str = choice("max", ("max", "topk"))
+        topk_frac: float = 0.01
+        top_sigma: int = 0
+
+        def check(self) -> None:
+            self.require(self.k >= 1, "k", ">= 1")
+            self.require(0 < self.topk_frac <= 1, "topk_frac", "in (0, 1]")
+            self.require(self.top_sigma >= 0, "top_sigma", ">= 0 (0 = all channels)")
+            self.require(self.top_sigma == 0 or self.level == "image", "top_sigma",
+                         "0 unless level=image")
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
         # instance attribute: image-level k-NN produces no maps
-        self.pixel_level = self.params["level"] == "patch"  # type: ignore[misc]
+        self.pixel_level = self.p.level == "patch"  # type: ignore[misc]
 
     def _fit(self, train: np.ndarray) -> None:
         vectors = train.reshape(-1, train.shape[-1]) if self.pixel_level else pooled(train)
         channels = np.arange(vectors.shape[-1])
-        if self.params["top_sigma"]:
-            channels = top_sigma_channels(vectors, self.params["top_sigma"])
+        if self.p.top_sigma:
+            channels = top_sigma_channels(vectors, self.p.top_sigma)
             vectors = vectors[:, channels]
         self._check_k(len(vectors))
         self._set_state({"vectors": vectors, "channels": channels})
@@ -71,18 +77,18 @@ class KNNScorer(Scorer):
         self._vectors = arrays["vectors"]
         self._channels = np.asarray(arrays.get("channels", np.arange(self._vectors.shape[-1])),
                                     dtype=np.int64)
-        self._index = FlatIndex(self._vectors, self.params["metric"], self.device)
+        self._index = FlatIndex(self._vectors, self.p.metric, self.device)
 
     def _check_k(self, n: int) -> None:
-        if self.params["k"] > n:
+        if self.p.k > n:
             raise ValueError(f"knn: parameter 'k'={self.params['k']} exceeds the {n} training "
                              f"{'patches' if self.pixel_level else 'images'}")
 
     def _score(self, test: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        k = self.params["k"]
+        k = self.p.k
         if not self.pixel_level:
             dist, _ = self._index.search(pooled(test)[:, self._channels], k)
             return dist.mean(axis=1, dtype=np.float64), None
         dist, _ = self._index.search(test, k, desc="knn patches")
         maps = dist.mean(axis=1).reshape(test.shape[:3]).astype(np.float32)
-        return reduce_patches(maps, self.params["reduce"], self.params["topk_frac"]), maps
+        return reduce_patches(maps, self.p.reduce, self.p.topk_frac), maps

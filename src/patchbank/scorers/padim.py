@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from patchbank.scorers.base import Scorer, batches
+from patchbank.scorers.base import Params, Scorer, batches
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,6 @@ class PaDiMScorer(Scorer):
     image score = max of the map."""
 
     name: ClassVar[str] = "padim"
-    defaults: ClassVar[dict[str, Any]] = {"d": None, "eps": 0.01, "seed": 0}
-    param_types: ClassVar[dict[str, tuple[type, ...]]] = {"d": (int, type(None))}
     map_sigma: ClassVar[float] = 4.0
     pixel_level: ClassVar[bool] = True
     min_train: ClassVar[int] = 2
@@ -128,18 +127,24 @@ class PaDiMScorer(Scorer):
     #: a quarter of the model's size.
     batch_images: int | None = None
 
-    def _check_params(self) -> None:
-        d = self.params["d"]
-        self._require(d is None or d >= 1, "d", "None or >= 1")
-        self._require(self.params["eps"] >= 0, "eps", ">= 0")
+    @dataclass(frozen=True)
+    class Params(Params):
+        #: random channels kept; None -> the paper's choice for the bank's width (default_d).
+        d: int | None = None
+        eps: float = 0.01
+        seed: int = 0
+
+        def check(self) -> None:
+            self.require(self.d is None or self.d >= 1, "d", "None or >= 1")
+            self.require(self.eps >= 0, "eps", ">= 0")
 
     def _fit(self, train: np.ndarray) -> None:
         n, h, w, c = train.shape
-        d = self.params["d"] if self.params["d"] is not None else default_d(c)
+        d = self.p.d if self.p.d is not None else default_d(c)
         if d > c:
             raise ValueError(f"padim: parameter 'd'={d} exceeds the bank's {c} channels")
         self.d_ = d
-        self.channels_ = select_channels(c, d, self.params["seed"])
+        self.channels_ = select_channels(c, d, self.p.seed)
         loc = h * w
         on_gpu = self.device != "cpu"
         acc = GaussianAccumulator(loc, d, "torch" if on_gpu else "numpy", self.device)
@@ -148,7 +153,7 @@ class PaDiMScorer(Scorer):
         for lo, hi in tqdm(spans, desc="padim fit", unit="batch", disable=len(spans) <= 1,
                            leave=False):
             acc.update(train[lo:hi][..., self.channels_].reshape(hi - lo, loc, d))
-        mean, cov = acc.finalize(self.params["eps"])
+        mean, cov = acc.finalize(self.p.eps)
         del acc
         self._mean = torch.as_tensor(mean, device=self.device)
         self._chol = torch.as_tensor(cov, device=self.device)  # factorised in place below

@@ -9,7 +9,10 @@ Default steps (``aggregation="official"``), checked against the official code:
    (``align_corners=False``);
 3. per tap, adaptive average pooling of the C*9 values to ``pretrain_dim`` (1024), then of the
    taps stacked side by side to ``target_dim`` (1024);
-4. greedy k-center coreset (:mod:`patchbank.scorers.coreset`) of ``int(coreset * patches)``;
+4. greedy k-center coreset (:mod:`patchbank.scorers.coreset`) of ``int(coreset * patches)``
+   rows, selected on a seeded bias-free random projection to ``proj_dim`` (128) dims, from
+   initial distances = mean distance to ``n_starts`` (10) random anchor rows, as the official
+   ``ApproximateGreedyCoresetSampler``; the greedy itself is exact;
 5. Faiss 1-NN against the coreset; the map is the NN distance **squared** (Faiss' L2, as the
    official scorer reports it; ``squared=false`` for plain distances) and the image score is
    the map's maximum. The official code does not re-weight; the paper's eq. 7 re-weighting is
@@ -27,15 +30,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from patchbank.scorers.base import Scorer, align_taps, batches
-from patchbank.scorers.coreset import coreset_indices
+from patchbank.scorers.base import Params, Scorer, align_taps, batches, choice
+from patchbank.scorers.coreset import PROJECTIONS, coreset_indices
 from patchbank.scorers.neighbors import FlatIndex
 
 log = logging.getLogger(__name__)
@@ -113,31 +117,47 @@ class PatchCoreScorer(Scorer):
     image score = max patch score (optionally the paper's eq. 7 re-weighting)."""
 
     name: ClassVar[str] = "patchcore"
-    defaults: ClassVar[dict[str, Any]] = {
-        "coreset": 0.1, "proj_dim": 128, "pretrain_dim": 1024, "target_dim": 1024,
-        "aggregation": "official", "squared": True, "n_reweight": 0, "seed": 0, "chunk": 4096,
-    }
-    choices: ClassVar[dict[str, tuple[str, ...]]] = {"aggregation": AGGREGATIONS}
     map_sigma: ClassVar[float] = 4.0
     pixel_level: ClassVar[bool] = True
     multi_tap: ClassVar[bool] = True
 
-    def _check_params(self) -> None:
-        self._require(0 < self.params["coreset"] <= 1, "coreset", "in (0, 1]")
-        for key in ("proj_dim", "pretrain_dim", "target_dim", "chunk"):
-            self._require(self.params[key] >= 1, key, ">= 1")
-        self._require(self.params["n_reweight"] >= 0, "n_reweight", ">= 0")
+    @dataclass(frozen=True)
+    class Params(Params):
+        #: memory-bank fraction kept by the greedy coreset.
+        coreset: float = 0.1
+        #: dimension of the random projection the coreset is selected on.
+        proj_dim: int = 128
+        #: "uniform" (the official bias-free Linear layer's init) or "gaussian".
+        projection: str = choice("uniform", PROJECTIONS)
+        #: random anchor rows giving the greedy its initial distances (official: 10); 0 = a
+        #: random first centre.
+        n_starts: int = 10
+        pretrain_dim: int = 1024
+        target_dim: int = 1024
+        aggregation: str = choice("official", AGGREGATIONS)
+        squared: bool = True
+        #: b of the paper's eq. 7 re-weighting; 0 = off (the official code's default).
+        n_reweight: int = 0
+        seed: int = 0
+        chunk: int = 4096
+
+        def check(self) -> None:
+            self.require(0 < self.coreset <= 1, "coreset", "in (0, 1]")
+            for key in ("proj_dim", "pretrain_dim", "target_dim", "chunk"):
+                self.require(getattr(self, key) >= 1, key, ">= 1")
+            self.require(self.n_reweight >= 0, "n_reweight", ">= 0")
+            self.require(self.n_starts >= 0, "n_starts", ">= 0")
 
     def _features(self, taps: list[np.ndarray]) -> np.ndarray:
-        return aggregate(taps, self.params["target_dim"], self.params["pretrain_dim"],
-                         self.params["aggregation"])
+        return aggregate(taps, self.p.target_dim, self.p.pretrain_dim,
+                         self.p.aggregation)
 
     def _fit(self, train: list[np.ndarray]) -> None:
         feats = self._features(train)
-        n = max(1, int(self.params["coreset"] * len(feats)))
+        n = max(1, int(self.p.coreset * len(feats)))
         log.info("patchcore: coreset of %d / %d patches (dim %d)", n, len(feats), feats.shape[1])
-        idx = coreset_indices(feats, n, self.params["proj_dim"], self.params["seed"],
-                              self.device)
+        idx = coreset_indices(feats, n, self.p.proj_dim, self.p.seed, self.device,
+                              n_starts=self.p.n_starts, projection=self.p.projection)
         self.coreset_idx_ = idx
         memory = feats[idx]
         del feats
@@ -154,7 +174,7 @@ class PatchCoreScorer(Scorer):
     def _score(self, test: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Scores in batches of images, so memory stays bounded however large the test set."""
         n, h, w, _ = test[0].shape
-        per = max(1, self.params["chunk"] // (h * w))
+        per = max(1, self.p.chunk // (h * w))
         scores, maps = np.empty(n), np.empty((n, h, w), dtype=np.float32)
         for lo, hi in tqdm(batches(n, per), desc="patchcore search", unit="batch", leave=False,
                            total=math.ceil(n / per)):
@@ -164,13 +184,13 @@ class PatchCoreScorer(Scorer):
     def _score_batch(self, test: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         n, h, w, _ = test[0].shape
         feats = self._features(test)
-        dist, nn = self._index.search(feats, 1, self.params["chunk"])
-        power = 2 if self.params["squared"] else 1
+        dist, nn = self._index.search(feats, 1, self.p.chunk)
+        power = 2 if self.p.squared else 1
         maps = (dist[:, 0] ** power).reshape(n, h, w)
         flat = maps.reshape(n, -1)
         worst = flat.argmax(axis=1)
         s_star = flat[np.arange(n), worst].astype(np.float64)
-        b = min(self.params["n_reweight"], len(self._index))
+        b = min(self.p.n_reweight, len(self._index))
         if b <= 1:
             return s_star, maps
         rows = np.arange(n) * h * w + worst

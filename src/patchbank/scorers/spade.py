@@ -4,12 +4,13 @@ nearest training images."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from patchbank.scorers.base import Scorer, pooled
+from patchbank.scorers.base import Params, Scorer, pooled
 from patchbank.scorers.neighbors import FlatIndex
 
 
@@ -19,13 +20,17 @@ class SPADEScorer(Scorer):
     those images' patches."""
 
     name: ClassVar[str] = "spade"
-    defaults: ClassVar[dict[str, Any]] = {"k_images": 50, "k": 1}
     map_sigma: ClassVar[float] = 4.0
     pixel_level: ClassVar[bool] = True
 
-    def _check_params(self) -> None:
-        self._require(self.params["k_images"] >= 1, "k_images", ">= 1")
-        self._require(self.params["k"] >= 1, "k", ">= 1")
+    @dataclass(frozen=True)
+    class Params(Params):
+        k_images: int = 50
+        k: int = 1
+
+        def check(self) -> None:
+            self.require(self.k_images >= 1, "k_images", ">= 1")
+            self.require(self.k >= 1, "k", ">= 1")
 
     def _state(self) -> dict[str, np.ndarray]:
         return {"train": self._train}
@@ -37,20 +42,20 @@ class SPADEScorer(Scorer):
     def _fit(self, train: np.ndarray) -> None:
         # patches are gathered per test image at score time (no copy)
         self._set_state({"train": train})
-        k_img = min(self.params["k_images"], len(train))
+        k_img = min(self.p.k_images, len(train))
         patches = k_img * train.shape[1] * train.shape[2]
-        if self.params["k"] > patches:
+        if self.p.k > patches:
             raise ValueError(f"spade: parameter 'k'={self.params['k']} exceeds the {patches} "
                              "patches of the nearest training images")
 
     def _score(self, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n, h, w, c = test.shape
-        k_img = min(self.params["k_images"], len(self._train))
+        k_img = min(self.p.k_images, len(self._train))
         dist, nearest = self._image_index.search(pooled(test), k_img)
         scores = dist.mean(axis=1, dtype=np.float64)
         maps = np.empty((n, h, w), dtype=np.float32)
         for i in tqdm(range(n), desc="spade maps", unit="image", disable=n < 8, leave=False):
             gallery = self._train[np.sort(nearest[i])].reshape(-1, c)
-            d, _ = FlatIndex(gallery, "l2", self.device).search(test[i], self.params["k"])
+            d, _ = FlatIndex(gallery, "l2", self.device).search(test[i], self.p.k)
             maps[i] = d.mean(axis=1).reshape(h, w)
         return scores, maps
