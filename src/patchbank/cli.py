@@ -35,6 +35,26 @@ def _scores(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scores-dir", type=Path, default=Path("scores"))
 
 
+def _shots_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shots", type=_shots, default=None,
+                   help="few-shot: fit on this many seeded training images ('all': every one)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the few-shot subset and the hold-out split (default 0)")
+
+
+def _shots(text: str) -> int | None:
+    """``--shots`` value: a positive integer or ``all``."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer or 'all'")
+    return value
+
+
 def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="hub",
                    help="'hub' (pretrained, default), a local weights file, or 'random'")
@@ -140,7 +160,11 @@ def extract_main(argv: Sequence[str] | None = None) -> None:
 
 
 def score_main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Score cached banks with an anomaly detector.")
+    from patchbank.scorers import methods_help
+
+    p = argparse.ArgumentParser(description="Score cached banks with an anomaly detector.",
+                                epilog=methods_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", required=True)
     p.add_argument("--method", required=True)
     p.add_argument("--param", action="append", default=[], help="key=value, repeatable")
@@ -151,6 +175,7 @@ def score_main(argv: Sequence[str] | None = None) -> None:
                    help="output folder name (default: method, bank settings and a hash)")
     p.add_argument("--holdout", type=float, default=0.2,
                    help="fraction of train images held out for an unsupervised threshold (0: off)")
+    _shots_args(p)
     _common(p, data=False)
     _scores(p)
 
@@ -169,8 +194,8 @@ def score_main(argv: Sequence[str] | None = None) -> None:
         def one(category: str) -> None:
             name, status = score_category(
                 args.banks_dir, args.scores_dir, args.backbone, args.method, category, params,
-                bank=args.bank, name=args.name, holdout=args.holdout, device=args.device,
-                overwrite=args.overwrite)
+                bank=args.bank, name=args.name, holdout=args.holdout, seed=args.seed,
+                shots=args.shots, device=args.device, overwrite=args.overwrite)
             print(f"{args.backbone}/{name}/{category}: {status}")
 
         _each(cats, args.fail_fast, one)
@@ -226,6 +251,7 @@ def run_main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--holdout", type=float, default=0.2,
                    help="fraction of train images held out for an unsupervised threshold (0: off)")
+    _shots_args(p)
     _common(p)
     _scores(p)
     _extract_args(p)
@@ -246,8 +272,8 @@ def run_main(argv: Sequence[str] | None = None) -> None:
             board = run_pipeline(
                 args.data_root, args.category, specs, args.method.split(","),
                 banks_dir=args.banks_dir, scores_dir=args.scores_dir, device=args.device,
-                params=parse_params(args.param), holdout=args.holdout,
-                overwrite=args.overwrite, figures=not args.no_figures,
+                params=parse_params(args.param), holdout=args.holdout, shots=args.shots,
+                seed=args.seed, overwrite=args.overwrite, figures=not args.no_figures,
                 eval_size=args.eval_size, batch_size=args.batch_size,
                 image_cache=args.image_cache, fail_fast=args.fail_fast,
             )

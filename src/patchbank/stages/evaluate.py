@@ -8,7 +8,8 @@ instead, and the output says so.
 Files. Each category's result is written once, next to its run:
 ``<scores_dir>/<backbone>/<method>/<category>/metrics.json`` =
 ``{"format", "backbone", "method", "category", "key", "metrics", "figures"}`` where ``metrics``
-holds every column of :data:`METRIC_COLUMNS` + :data:`EXTRA_COLUMNS` (JSON ``null`` for NaN),
+holds every column of :data:`METRIC_COLUMNS` + :data:`EXTRA_COLUMNS` (JSON ``null`` for NaN;
+``shots`` null = every training image, ``seed`` the run's seed),
 ``figures`` the names of the PNGs drawn for it under ``<method>/figures/`` (``null`` when none
 were drawn) and ``key`` what the result depends on (:func:`evaluation_key`: a hash of
 ``run.json``, the sizes and mtimes of the score files and of the masks, ``eval_size``, the
@@ -57,7 +58,7 @@ METRIC_COLUMNS = [
 ]
 EXTRA_COLUMNS = [
     "f1_threshold", "f1_precision", "f1_recall", "unsup_threshold", "unsup_precision",
-    "unsup_recall", "unsup_f1", "eval_resolution", "n_test",
+    "unsup_recall", "unsup_f1", "eval_resolution", "n_test", "shots", "seed", "n_train",
 ]
 COLUMNS = METRIC_COLUMNS + EXTRA_COLUMNS
 TEXT_COLUMNS = ("category", "eval_resolution")
@@ -112,6 +113,9 @@ def evaluate_run(run: ScoreRun, category: str, data_root: Path | None = None,
     row.update(metrics.composite_scores(row["image_auroc"], row["image_ap"],
                                         row["pixel_auroc"], row["best_dice"]))
     row.update(fit_s=run.info.get("fit_s"), score_s=run.info.get("score_s"))
+    # few-shot protocol: shots NaN = every training image; n_train = images the model saw
+    row.update(shots=run.info.get("shots"), seed=run.info.get("seed"),
+               n_train=run.info.get("n_train"))
     return row
 
 

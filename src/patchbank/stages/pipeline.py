@@ -85,6 +85,8 @@ def run_pipeline(
     device: str = "auto",
     params: Mapping[str, str] | None = None,
     holdout: float = 0.2,
+    shots: int | None = None,
+    seed: int = 0,
     overwrite: bool = False,
     figures: bool = True,
     eval_size: int | None = None,
@@ -98,7 +100,8 @@ def run_pipeline(
     "auto"). ``data_root=None`` uses the embedded demo dataset, generated under ``data/demo``.
     ``fail_fast=False`` goes on past whatever fails (a backbone, a category at any stage): the
     later stages skip only what failed, and at the end :class:`PartialFailure` lists every
-    failure, with the leaderboard as its ``result``.
+    failure, with the leaderboard as its ``result``. ``shots``/``seed``: the few-shot protocol
+    of :func:`patchbank.stages.score.score_category` (``None``: every training image).
     """
     root = Path(data_root) if data_root is not None else ensure_demo_dataset()
     categories = resolve_categories(root, category)
@@ -139,7 +142,7 @@ def run_pipeline(
                 out = attempt(f"{used.backbone}/{method}/{c}", score_category, banks_dir,
                               scores_dir, used.backbone, method, c,
                               method_params(params, method), bank=tag, holdout=holdout,
-                              device=device, overwrite=overwrite)
+                              seed=seed, shots=shots, device=device, overwrite=overwrite)
                 if out is not None:
                     scored.setdefault(out[0], []).append(c)
             for name in sorted(scored):

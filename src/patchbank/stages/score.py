@@ -41,7 +41,7 @@ from patchbank.store.runs import (
 log = logging.getLogger(__name__)
 
 #: run.json keys that decide whether an existing run can be reused.
-RUN_KEYS = ("method", "params", "holdout", "seed", "banks", "patchbank_version")
+RUN_KEYS = ("method", "params", "holdout", "seed", "shots", "banks", "patchbank_version")
 #: the fitted scorer, saved beside run.json (see ``Scorer.save``).
 MODEL_FILE = "model.npz"
 
@@ -75,10 +75,16 @@ def resolve_tag(banks_dir: Path, backbone: str, category: str, tag: str | None =
 
 
 def run_name(method: str, params: Mapping[str, Any], tag: str, holdout: float,
-             seed: int) -> str:
-    """Score-run folder: method, the bank tag's readable part, and a hash of the whole spec."""
-    spec = {"method": method, "params": dict(params), "bank": tag, "holdout": holdout,
-            "seed": seed}
+             seed: int, shots: int | None = None) -> str:
+    """Score-run folder: method, the bank tag's readable part, and a hash of the whole spec.
+
+    ``shots=None`` (every training image) leaves the hash as it was before few-shot runs
+    existed, so existing run folders keep their names.
+    """
+    spec: dict[str, Any] = {"method": method, "params": dict(params), "bank": tag,
+                            "holdout": holdout, "seed": seed}
+    if shots is not None:
+        spec["shots"] = int(shots)
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode())
     readable = tag.rsplit("-", 1)[0]
     return f"{method}-{readable}-{digest.hexdigest()[:8]}"
@@ -91,6 +97,19 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
         return np.arange(n), np.arange(0)
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[n_out:]), np.sort(order[:n_out])
+
+
+def shot_indices(n: int, shots: int | None, seed: int) -> np.ndarray:
+    """Training rows a run fits on: all ``n``, or a seeded sorted subset of ``shots`` of them."""
+    if shots is None:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=int(shots), replace=False))
+
+
+def subset_bank(bank: Bank, rows: np.ndarray) -> Bank:
+    """The bank restricted to ``rows`` (taps read into memory; metadata re-indexed)."""
+    return Bank({k: np.asarray(v[rows]) for k, v in bank.taps.items()},
+                bank.meta.iloc[rows].reset_index(drop=True), bank.fingerprint)
 
 
 def check_finite(bank: Bank, banks_dir: Path, backbone: str, tag: str, category: str,
@@ -124,6 +143,7 @@ def score_category(
     name: str | None = None,
     holdout: float = 0.2,
     seed: int = 0,
+    shots: int | None = None,
     device: str = "auto",
     overwrite: bool = False,
 ) -> tuple[str, str]:
@@ -135,6 +155,11 @@ def score_category(
     :func:`run_name`, so other parameters or banks never overwrite it. ``holdout`` > 0 also
     fits on the rest of the training set and scores the held-out part, so the evaluate stage
     can set an unsupervised threshold (mean + 3 sigma of those scores).
+
+    ``shots`` (few-shot protocol): fit on ``shots`` training images drawn from the train bank
+    with ``seed`` (no re-extraction; the full test set is scored); ``None`` uses all of them.
+    The hold-out then splits those shots, and is skipped (``holdout_applied: false`` in
+    ``run.json``) when fewer than 2 would be held out or left to fit.
     """
     try:
         scorer = make_scorer(method, params, device=device)
@@ -145,13 +170,19 @@ def score_category(
     # anything is fitted.
     train, test = load_pair(banks_dir, backbone, tag, category)
     check_finite(test, banks_dir, backbone, tag, category, "test")
-    name = name or run_name(method, scorer.params, tag, holdout, seed)
+    if shots is not None and not 1 <= int(shots) <= len(train):
+        raise PatchbankError(
+            f"--shots {shots}: {BankPaths.of(banks_dir, backbone, tag, category, 'train').csv}"
+            f" has {len(train)} training images; choose 1..{len(train)} or leave it out (all)")
+    shots = None if shots is None else int(shots)
+    name = name or run_name(method, scorer.params, tag, holdout, seed, shots)
     paths = RunPaths.of(scores_dir, backbone, name, category)
     info: dict[str, Any] = {
         "method": method,
         "params": scorer.params,
         "holdout": holdout,
         "seed": seed,
+        "shots": shots,
         "banks": {"train": train.fingerprint, "test": test.fingerprint},
         "patchbank_version": __version__,
     }
@@ -176,6 +207,11 @@ def score_category(
                             "; ".join(d[:120] for d in diff))
             elif damaged:
                 log.warning("%s: damaged (%s), recomputing", paths.folder, "; ".join(damaged))
+        rows = shot_indices(len(train), shots, seed)
+        info["n_train_bank"] = len(train)
+        info["train_indices"] = rows.tolist() if shots is not None else None
+        if shots is not None:
+            train = subset_bank(train, rows)
         _fit_score_write(scorer, method, backbone, category, name, tag, train, test, paths,
                          info, holdout, seed, device)
     return name, status
@@ -202,6 +238,11 @@ def _fit_score_write(scorer: Any, method: str, backbone: str, category: str, nam
 
     train_scores, holdout_s = None, None
     fit_idx, out_idx = holdout_split(len(train), holdout, seed)
+    info["holdout_applied"] = bool(len(out_idx))
+    if holdout > 0 and not len(out_idx):
+        log.info("%s/%s: %d training images are too few for a %.0f %% hold-out (needs >= 2 "
+                 "held out and >= 2 left); no unsupervised threshold", backbone, category,
+                 len(train), 100 * holdout)
     if len(out_idx):
         t0 = time.perf_counter()
         held = make_scorer(method, scorer.params, device=device).fit(
