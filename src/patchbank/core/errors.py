@@ -43,3 +43,7 @@ class PartialFailure(PatchbankError):
 #: user-facing errors, a failing disk or file system, and memory running out. Anything else is
 #: a bug and stops the run with its traceback.
 ITEM_ERRORS: tuple[type[BaseException], ...] = (PatchbankError, OSError, MemoryError)
+
+
+class SweepError(PatchbankError):
+    """A sweep configuration (YAML file or flags) is malformed, or its executor cannot start."""
