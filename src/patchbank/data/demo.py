@@ -29,6 +29,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
 
+from patchbank.synth.shapes import DRAWERS as _DEFECTS
+from patchbank.synth.shapes import blob_polygon as _blob_polygon
+from patchbank.synth.shapes import pixel_grid
+from patchbank.synth.shapes import smoothstep as _smoothstep
+
 logger = logging.getLogger(__name__)
 
 GENERATOR = "patchbank.data.demo"
@@ -61,13 +66,7 @@ def default_demo_root() -> Path:
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixel-centre coordinates (y, x), each (size, size) float64."""
-    c = np.arange(size, dtype=np.float64) + 0.5
-    return np.meshgrid(c, c, indexing="ij")
-
-
-def _smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
-    t = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
+    return pixel_grid(size)
 
 
 def _texture(rng: np.random.Generator, size: int) -> tuple[np.ndarray, tuple[float, ...] | None]:
@@ -130,103 +129,6 @@ def _object(rng: np.random.Generator, size: int) -> tuple[np.ndarray, tuple[floa
 
 
 # --------------------------------------------------------------------------- defects
-
-
-def _blob_polygon(
-    rng: np.random.Generator, centre: tuple[float, float], r0: float
-) -> list[tuple[float, float]]:
-    """Irregular closed outline around ``centre`` (smooth random radius, 48 vertices)."""
-    angles = np.linspace(0.0, 2.0 * math.pi, 48, endpoint=False)
-    rad = np.ones_like(angles)
-    for k in (2, 3, 5):
-        rad += rng.uniform(0.0, 0.22 / k * 2) * np.cos(k * angles + rng.uniform(0, 2 * math.pi))
-    rad *= r0 * rng.uniform(0.7, 1.0)
-    ax = rng.uniform(0.7, 1.0)  # slight ellipse
-    rot = rng.uniform(0, math.pi)
-    px, py = rad * np.cos(angles), ax * rad * np.sin(angles)
-    xs = centre[0] + px * math.cos(rot) - py * math.sin(rot)
-    ys = centre[1] + px * math.sin(rot) + py * math.cos(rot)
-    return list(zip(xs.tolist(), ys.tolist(), strict=True))
-
-
-def _polygon_mask(size: int, poly: list[tuple[float, float]]) -> np.ndarray:
-    canvas = Image.new("L", (size, size), 0)
-    ImageDraw.Draw(canvas).polygon(poly, fill=255)
-    return np.asarray(canvas) > 0
-
-
-def _scratch(
-    img: np.ndarray, rng: np.random.Generator, centre: tuple[float, float], scale: float
-) -> np.ndarray:
-    """1-2 thin, slightly bent line segments, brighter or darker than the surface."""
-    size = img.shape[0]
-    canvas = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(canvas)
-    for _ in range(int(rng.integers(1, 3))):
-        length = rng.uniform(0.08, 0.25) * size
-        ang = rng.uniform(0.0, math.pi)
-        bend = rng.uniform(-0.25, 0.25)
-        jitter = rng.uniform(-0.03, 0.03, size=2) * size
-        pts = []
-        for t in (-0.5, 0.0, 0.5):
-            a = ang + bend * t * 2
-            pts.append(
-                (
-                    centre[0] + jitter[0] + t * length * math.cos(a),
-                    centre[1] + jitter[1] + t * length * math.sin(a),
-                )
-            )
-        width = max(1, round(float(rng.choice([1.0, 2.0])) * scale))
-        draw.line(pts, fill=255, width=width, joint="curve")
-    mask = np.asarray(canvas) > 0
-    delta = rng.uniform(0.12, 0.45) * (1.0 if rng.random() < 0.5 else -1.0)
-    img[mask] += delta + rng.normal(0.0, 0.02, size=(int(mask.sum()), 3))
-    return mask
-
-
-def _hole(
-    img: np.ndarray, rng: np.random.Generator, centre: tuple[float, float], scale: float
-) -> np.ndarray:
-    """An irregular blob darkened towards its middle (the surface shows faintly through)."""
-    size = img.shape[0]
-    r0 = max(rng.uniform(0.02, 0.055) * size, 3.0)
-    mask = _polygon_mask(size, _blob_polygon(rng, centre, r0))
-    y, x = _grid(size)
-    depth = _smoothstep(0.0, r0, r0 - np.hypot(x - centre[0], y - centre[1]))  # 1 at centre
-    keep = rng.uniform(0.15, 0.55) * (1.0 - 0.4 * depth)
-    img[mask] *= keep[mask][:, None]
-    return mask
-
-
-_STAIN_COLOURS = np.array(
-    [[0.55, 0.22, 0.08], [0.20, 0.45, 0.12], [0.15, 0.22, 0.60], [0.80, 0.65, 0.05]]
-)
-
-
-def _stain(
-    img: np.ndarray, rng: np.random.Generator, centre: tuple[float, float], scale: float
-) -> np.ndarray:
-    """A translucent coloured blob, strongest in its middle."""
-    size = img.shape[0]
-    r0 = max(rng.uniform(0.03, 0.07) * size, 4.0)
-    mask = _polygon_mask(size, _blob_polygon(rng, centre, r0))
-    soft = Image.fromarray((mask * 255).astype(np.uint8)).filter(
-        ImageFilter.GaussianBlur(radius=r0 / 3)
-    )
-    inner = np.asarray(soft, dtype=np.float64) / 255.0
-    alpha = rng.uniform(0.25, 0.6) * (0.55 + 0.45 * inner / max(inner.max(), 1e-6)) * mask
-    colour = _STAIN_COLOURS[int(rng.integers(len(_STAIN_COLOURS)))]
-    lum = img.mean(axis=2, keepdims=True)
-    tinted = colour * (0.5 + 0.8 * lum)  # keeps some of the underlying structure
-    img[:] = img * (1.0 - alpha[..., None]) + tinted * alpha[..., None]
-    return mask
-
-
-_DEFECTS: dict[str, Callable[..., np.ndarray]] = {
-    "hole": _hole,
-    "scratch": _scratch,
-    "stain": _stain,
-}
 
 
 def _defect_centre(

@@ -1,0 +1,54 @@
+"""Command lines of ``scripts/synth.py`` and ``scripts/select.py``: parsing, then the package."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from patchbank.cli import _main
+
+
+def synth_main(argv: Sequence[str] | None = None) -> None:
+    """Write MVTec-layout synthetic validation sets (``scripts/synth.py``)."""
+    from patchbank.synth.dataset import DEFAULT_KINDS
+    from patchbank.synth.generators import GENERATORS
+
+    p = argparse.ArgumentParser(
+        description="Write an MVTec-layout validation set whose defects are synthetic, made "
+                    "from a seeded held-out part of train/good (test images are never read).")
+    p.add_argument("--data-root", type=Path, default=None,
+                   help="dataset root in MVTec AD layout (default: the embedded demo dataset)")
+    p.add_argument("--category", default="all", help="category name, comma list, or 'all'")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder (gets <out>/<category>/...); must lie outside the dataset")
+    p.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
+                   help=f"comma list of defect kinds from {', '.join(GENERATORS)}")
+    p.add_argument("--holdout", type=float, default=0.25,
+                   help="fraction of train/good held out: half test/good, half defect sources")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--perlin-source", default="image", choices=["image", "procedural"],
+                   help="texture of Perlin defects: another training image, or generated")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a synthetic set made with other settings")
+    p.add_argument("--fail-fast", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    def run(args: argparse.Namespace) -> None:
+        from patchbank.cli import _data_root, _each
+        from patchbank.data.mvtec import resolve_categories
+        from patchbank.synth.dataset import write_synthetic_set
+
+        root = _data_root(args)
+        kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+
+        def one(category: str) -> None:
+            status = write_synthetic_set(root, category, args.out, kinds=kinds,
+                                         holdout=args.holdout, seed=args.seed,
+                                         perlin_source=args.perlin_source,
+                                         overwrite=args.overwrite)
+            print(f"{args.out / category}: {status}")
+
+        _each(resolve_categories(root, args.category), args.fail_fast, one)
+
+    _main(p, run, argv)
