@@ -21,6 +21,23 @@ def real_root() -> Path:
     return REAL_ROOT
 
 
+def bottle_subset(real_root: Path, dest: Path, n_train: int = 16,
+                  defects: tuple[str, ...] = ("broken_large",), n_test: int = 3) -> Path:
+    """A small MVTec-layout bottle made of symlinks to the shared data (nothing copied)."""
+    src, out = real_root / "bottle", dest / "bottle"
+    pick = {"train/good": sorted((src / "train/good").glob("*.png"))[:n_train],
+            "test/good": sorted((src / "test/good").glob("*.png"))[:n_test]}
+    for d in defects:
+        pick[f"test/{d}"] = sorted((src / "test" / d).glob("*.png"))[:n_test]
+        pick[f"ground_truth/{d}"] = [src / "ground_truth" / d / f"{p.stem}_mask.png"
+                                     for p in pick[f"test/{d}"]]
+    for rel, files in pick.items():
+        (out / rel).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            (out / rel / f.name).symlink_to(f)
+    return dest
+
+
 TOY_TAG = "s32-l2.3-toy-00000000"
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from patchbank.core.errors import ScoresError
+from patchbank.scorers.anomalydino import AnomalyDINOScorer
 from patchbank.scorers.base import MODEL_FORMAT, PooledScorer, Scorer
 from patchbank.scorers.classical import (
     EllipticScorer,
@@ -32,8 +33,9 @@ from patchbank.scorers.spade import SPADEScorer
 
 SCORERS: dict[str, type[Scorer]] = {
     cls.name: cls
-    for cls in (KNNScorer, PaDiMScorer, PatchCoreScorer, SPADEScorer, MahalanobisScorer,
-                OCSVMScorer, IForestScorer, LOFScorer, EllipticScorer, KMeansScorer)
+    for cls in (KNNScorer, PaDiMScorer, PatchCoreScorer, SPADEScorer, AnomalyDINOScorer,
+                MahalanobisScorer, OCSVMScorer, IForestScorer, LOFScorer, EllipticScorer,
+                KMeansScorer)
 }
 
 

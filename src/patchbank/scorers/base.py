@@ -259,7 +259,7 @@ class Scorer(ABC):
     #: fewest training images the method can fit on.
     min_train: ClassVar[int] = 1
     #: "coarse": with 3+ taps of different grids, all but the finest (the stride-8/16 taps of
-    #: PatchCore); "all": every tap (PaDiM's stride-4/8/16).
+    #: PatchCore); "all": every tap (PaDiM's stride-4/8/16); "last": the deepest tap only.
     tap_policy: ClassVar[str] = "coarse"
     upsample: ClassVar[str] = "bilinear"
     multi_tap: ClassVar[bool] = False
@@ -288,6 +288,8 @@ class Scorer(ABC):
         """
         value = self.p.layers.strip().lower()
         if value == "auto":
+            if self.tap_policy == "last":
+                return (available[-1],)
             finer = grids is None or (len(grids) > 1 and grids[0][0] > grids[1][0])
             if self.tap_policy == "coarse" and len(available) >= 3 and finer:
                 return tuple(available[1:])
