@@ -34,6 +34,7 @@ EXPECTED = {
     "dinov2": (56, 4, 2 * 384),  # 56 / 14 = 4, two ViT-S blocks
     "dinov2_vitb14": (56, 4, 2 * 768),
     "mae": (64, 4, 2 * 768),  # 64 / 16 = 4, two ViT-B blocks
+    "pixels": (64, 16, 3),  # raw pixels area-pooled by 2^2: 64 / 4 = 16
 }
 IMAGENET_BOTTLES = {440: "beer bottle", 720: "pill bottle", 737: "pop bottle",
                     898: "water bottle", 901: "whiskey jug", 907: "wine bottle"}

@@ -12,6 +12,8 @@ Layer indices:
   3 = layer3/stride 16; EfficientNet 2 = stride 8, 3 = stride 16). Tapped maps are bilinearly
   upsampled to the grid of the first (highest-resolution) tapped layer and concatenated on
   channels (PaDiM/PatchCore convention).
+* ``pixels``: layer L = the normalised input pixels area-averaged over 2^L x 2^L blocks (0 = the
+  pixels themselves): the raw-pixel baseline as a bank, no model and no weights.
 * ``vit`` / ``mae``: 0-based transformer block index; the tap is that block's output patch tokens
   (class/register tokens dropped, no final norm), concatenated on channels. The ViT defaults
   (7, 10) are blocks 8 and 11 of 12 counted from one: late-middle blocks, skipping the last block,
@@ -165,6 +167,30 @@ class _MaeExtractor(FeatureExtractor):
         return maps
 
 
+class _PixelExtractor(FeatureExtractor):
+    """The normalised pixels themselves, area-pooled by 2^L per tapped layer L."""
+
+    def __init__(self, image_size: int, layers: tuple[int, ...]) -> None:
+        super().__init__(nn.Identity(), image_size)
+        self.layers = layers
+
+    def taps(self, x: Tensor) -> list[Tensor]:
+        return [F.avg_pool2d(x, 2 ** layer) if layer else x for layer in self.layers]
+
+
+def _build_pixels(spec: BackboneSpec, mode: str, layers: tuple[int, ...],
+                  image_size: int) -> tuple[FeatureExtractor, str]:
+    if mode not in ("hub", "random"):
+        raise WeightsError(f"{spec.name}: raw pixels have no weights; use --weights hub (the "
+                           "default)")
+    bad = [layer for layer in layers if image_size % (2 ** layer)]
+    if not layers or min(layers) < 0 or bad:
+        raise WeightsError(f"{spec.name}: layers {list(layers)} do not fit image size "
+                           f"{image_size} (layer L area-pools by 2^L, which must divide the "
+                           "size); pass e.g. --layers 2 with --image-size 256")
+    weights_id = f"random:seed{RANDOM_SEED}" if mode == "random" else "none"
+    return _PixelExtractor(image_size, layers), weights_id
+
 
 def _build_cnn(spec: BackboneSpec, mode: str, path: Path | None, layers: tuple[int, ...],
                image_size: int) -> tuple[FeatureExtractor, str]:
@@ -261,6 +287,7 @@ def build_extractor(name: str, weights: str = "hub", layers: Sequence[int] | Non
         "cnn": lambda: _build_cnn(spec, mode, path, taps, size),
         "vit": lambda: _build_vit(spec, mode, path, taps, size),
         "mae": lambda: _build_mae(spec, mode, path, taps, size),
+        "pixels": lambda: _build_pixels(spec, mode, taps, size),
     }
     extractor, weights_id = builders[spec.family]()
     dev = resolve_device(device)

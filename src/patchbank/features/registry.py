@@ -31,7 +31,8 @@ class BackboneSpec:
     """How one backbone is built and fed (defaults; callers may override layers/size/norm)."""
 
     name: str
-    family: str  # "cnn" (timm features_only) | "vit" (timm ViT) | "mae" (transformers ViTMAE)
+    # "cnn" (timm features_only) | "vit" (timm ViT) | "mae" (transformers ViTMAE) | "pixels"
+    family: str
     model_id: str  # timm model name (optionally .tag) or Hugging Face repo id
     layers: tuple[int, ...]
     image_size: int
@@ -78,6 +79,12 @@ REGISTRY: dict[str, BackboneSpec] = {
         BackboneSpec(
             "mae", "mae", "facebook/vit-mae-base", (7, 10), 224, IMAGENET_MEAN, IMAGENET_STD, 16,
             "Hugging Face hub facebook/vit-mae-base (MAE ViT-B/16, transformers ViTMAEModel)",
+        ),
+        # Raw-pixel "backbone" (the pixel autoencoder's bank): layer L = the resized, normalised
+        # pixels area-averaged over 2^L x 2^L blocks; 256 px, layer 2 -> a 64 x 64 x 3 grid.
+        BackboneSpec(
+            "pixels", "pixels", "pixels", (2,), 256, HALF, HALF, None,
+            "none: the resized, normalised pixels, area-pooled by 2^layer (no weights)",
         ),
     )
 }

