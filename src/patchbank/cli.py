@@ -63,6 +63,13 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop", type=int, default=None, help="centre-crop size after resizing")
     p.add_argument("--normalize", default=None, choices=["imagenet", "half", "model"],
                    help="input normalisation (default: the backbone's own)")
+    p.add_argument("--augment", type=int, default=0, metavar="N",
+                   help="add N seeded augmented copies of every training image to the train "
+                        "bank (default 0)")
+    p.add_argument("--augment-ops", default=None,
+                   help="comma list of augmentations: flip, rot90, dihedral, rot8 "
+                        "(AnomalyDINO's 45-degree steps), scale, blur, noise, jitter "
+                        "(default scale,blur,noise,jitter)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-image-cache", dest="image_cache", action="store_false",
                    help="do not keep resized images under <banks-dir>/_imagecache for reuse")
@@ -77,7 +84,8 @@ def _spec(args: argparse.Namespace, backbone: str) -> Any:
         raise PatchbankError(f"--layers {args.layers!r}: expected a comma list of integers, "
                              "e.g. --layers 1,2,3") from None
     return ExtractSpec(backbone, args.weights, layers, args.image_size, args.crop,
-                       args.normalize)
+                       args.normalize, getattr(args, "augment", 0),
+                       getattr(args, "augment_ops", None))
 
 
 def parse_params(items: Sequence[str]) -> dict[str, str]:

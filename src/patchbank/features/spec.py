@@ -27,6 +27,11 @@ class ExtractSpec:
     image_size: int | None = None
     crop: int | None = None
     normalize: str | None = None
+    #: Augmented copies of each training image in the train bank (0: none) and their ops
+    #: (:mod:`patchbank.features.augment`); with 0 both are left out of the canonical JSON, so
+    #: the tags of banks made before augmentation existed are unchanged.
+    augment: int = 0
+    augment_ops: str | None = None
 
     def __post_init__(self) -> None:
         if self.layers is not None:
@@ -40,6 +45,14 @@ class ExtractSpec:
         if self.normalize is not None and self.normalize not in (*NORMALIZATIONS, "model"):
             raise PatchbankError(f"--normalize {self.normalize!r}: choose "
                                  f"{' or '.join((*NORMALIZATIONS, 'model'))}")
+        if int(self.augment) < 0:
+            raise PatchbankError(f"--augment {self.augment}: give 0 (none) or a positive number "
+                                 "of copies per training image")
+        object.__setattr__(self, "augment", int(self.augment))
+        if self.augment_ops is not None:
+            from patchbank.features.augment import parse_ops
+
+            object.__setattr__(self, "augment_ops", ",".join(parse_ops(self.augment_ops)))
         size = self.image_size
         if self.crop is not None and size is not None and not 0 < self.crop <= size:
             raise PatchbankError(f"--crop {self.crop} must be between 1 and the image size "
@@ -52,8 +65,14 @@ class ExtractSpec:
         if norm is None:
             norm = next((k for k, (m, s) in NORMALIZATIONS.items()
                          if tuple(m) == tuple(reg.mean) and tuple(s) == tuple(reg.std)), "model")
+        ops = None
+        if self.augment:
+            from patchbank.features.augment import DEFAULT_OPS
+
+            ops = self.augment_ops or DEFAULT_OPS
         out = replace(self, layers=self.layers or reg.layers,
-                      image_size=self.image_size or reg.image_size, normalize=norm)
+                      image_size=self.image_size or reg.image_size, normalize=norm,
+                      augment_ops=ops)
         if out.crop is not None and not 0 < out.crop <= out.image_size:
             raise PatchbankError(f"--crop {out.crop} must be between 1 and the image size "
                                  f"{out.image_size}; pass a smaller --crop or a larger "
@@ -64,6 +83,8 @@ class ExtractSpec:
         """The resolved spec as a JSON-ready dict (the cache key)."""
         d = asdict(self.resolved())
         d["layers"] = list(d["layers"])
+        if not d["augment"]:
+            del d["augment"], d["augment_ops"]
         return d
 
     def tag(self) -> str:
@@ -75,4 +96,6 @@ class ExtractSpec:
         parts = [f"s{r.image_size}" + (f"c{r.crop}" if r.crop else ""),
                  "l" + ".".join(str(x) for x in r.layers), str(r.normalize), weights,
                  digest.hexdigest()[:8]]
+        if r.augment:
+            parts.insert(-1, f"aug{r.augment}")
         return "-".join(parts)

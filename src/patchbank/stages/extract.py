@@ -29,6 +29,7 @@ from patchbank.data.mvtec import (
     files_hash,
     header_size,
 )
+from patchbank.features.augment import AUGMENT_COLUMNS, Augmenter
 from patchbank.features.extractors import ExtractorInfo, FeatureExtractor, build_extractor
 from patchbank.features.preprocess import Preprocess
 from patchbank.features.spec import ExtractSpec
@@ -83,34 +84,48 @@ def fingerprint(spec: ExtractSpec, info: ExtractorInfo, preprocess: Preprocess,
         "category": category,
         "split": split,
         "files_hash": files_hash(samples, root),
-        "n_images": len(samples),
+        # an augmented train bank also holds spec.augment copies of every image
+        "n_images": len(samples) * (1 + (spec.augment if split == "train" else 0)),
     }
 
 
-def metadata(samples: Sequence[Sample]) -> pd.DataFrame:
-    """The bank's CSV: one row per image, original sizes read from image headers."""
+def metadata(samples: Sequence[Sample], augmenter: Augmenter | None = None) -> pd.DataFrame:
+    """The bank's CSV: one row per image, original sizes read from image headers. With
+    ``augmenter``, each image's row is followed by one row per augmented copy (same path) and
+    the columns ``augment`` (0 for the image, k for its k-th copy) and ``augment_of`` (the row
+    of the image it was made from) are added."""
     rows = []
     for s in samples:
         width, height = header_size(s.path)
-        rows.append([str(s.path), s.category, s.split, s.defect_type, s.label,
-                     str(s.mask_path) if s.mask_path else "", height, width])
-    return pd.DataFrame(rows, columns=META_COLUMNS)
+        row = [str(s.path), s.category, s.split, s.defect_type, s.label,
+               str(s.mask_path) if s.mask_path else "", height, width]
+        rows.extend([row] * (1 + (augmenter.n if augmenter is not None else 0)))
+    meta = pd.DataFrame(rows, columns=META_COLUMNS)
+    if augmenter is not None:
+        for column, values in augmenter.meta_columns(len(samples)).items():
+            meta[column] = values
+        meta = meta[META_COLUMNS + AUGMENT_COLUMNS]
+    return meta
 
 
 def _features(model: FeatureExtractor, preprocess: Preprocess, batches: Iterator,
-              device: torch.device, writer: BankWriter, cache: CacheWriter | None) -> None:
+              device: torch.device, writer: BankWriter, cache: CacheWriter | None,
+              augmenter: Augmenter | None = None) -> None:
     """Run the model over ``batches`` of (uint8 pixels, indices) and stream the grids to disk.
 
     Saving runs on one background thread while the next batch goes through the model (large
     banks are disk-bound: resnet18's 56x56x448 grids are 2.8 MB per image); at most one batch
-    waits, so memory does not grow with the dataset.
+    waits, so memory does not grow with the dataset. With ``augmenter`` each batch is expanded
+    to the images and their copies (bank rows interleaved, see :class:`Augmenter`) and run
+    through the model in chunks of the batch size; the cache gets the originals only.
     """
     amp = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext())
 
-    def save(idx: np.ndarray, pixels: np.ndarray, feats: list[np.ndarray]) -> None:
+    def save(idx: np.ndarray, pixels: np.ndarray, rows: np.ndarray,
+             feats: list[np.ndarray]) -> None:
         if cache is not None:
             cache.write(idx, pixels)
-        writer.write(idx, feats)
+        writer.write(rows, feats)
 
     saving: Future | None = None
     with torch.inference_mode(), ThreadPoolExecutor(1, "patchbank-save") as pool:
@@ -124,16 +139,26 @@ def _features(model: FeatureExtractor, preprocess: Preprocess, batches: Iterator
                 # that names the file, without the "patchbank.core.errors.DatasetError: " the
                 # traceback puts before it.
                 raise DatasetError(worker_message(str(err))) from None
-            # uint8 crosses to the device; crop and normalisation happen there.
-            images = preprocess.batch(pixels.to(device, non_blocking=True))
-            with amp:
-                feats = model.grids(images)
-            # each tap (B, C, h, w) -> (B, h, w, C) float16 on the device: only the bank's bytes
-            # cross.
-            feats = [t.half().permute(0, 2, 3, 1).contiguous().cpu().numpy() for t in feats]
+            rows, model_pixels = idx.numpy(), pixels
+            if augmenter is not None:
+                expanded, rows = augmenter.expand(pixels.numpy(), idx.numpy())
+                model_pixels = torch.from_numpy(expanded)
+            chunks = []
+            for start in range(0, len(model_pixels), max(len(pixels), 1)):
+                chunk = model_pixels[start:start + max(len(pixels), 1)]
+                # uint8 crosses to the device; crop and normalisation happen there.
+                images = preprocess.batch(chunk.to(device, non_blocking=True))
+                with amp:
+                    out = model.grids(images)
+                # each tap (B, C, h, w) -> (B, h, w, C) float16 on the device: only the bank's
+                # bytes cross.
+                chunks.append([t.half().permute(0, 2, 3, 1).contiguous().cpu().numpy()
+                               for t in out])
+            feats = chunks[0] if len(chunks) == 1 else \
+                [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
             if saving is not None:
                 saving.result()
-            saving = pool.submit(save, idx.numpy(), pixels.numpy(), feats)
+            saving = pool.submit(save, idx.numpy(), pixels.numpy(), rows, feats)
         if saving is not None:
             saving.result()
 
@@ -176,6 +201,7 @@ class Extractor:
             normalize=None if spec.normalize == "model" else spec.normalize,
         )
         self.preprocess = Preprocess(size, self.info.mean, self.info.std, crop=spec.crop)
+        self.augmenter = Augmenter(spec.augment, spec.augment_ops) if spec.augment else None
         log.info("%s: weights %s, layers %s, %d px (crop %s) -> taps %s", self.info.backbone,
                  self.info.weights_id, self.info.layers, size, spec.crop, self.info.tap_shapes)
 
@@ -216,6 +242,10 @@ class Extractor:
         """Write one bank; pixels come from ``cache`` when it holds them, else from the images
         (decoded in DataLoader workers), filling ``cache`` on the way."""
         pixels = cache.load() if cache is not None else None
+        augmenter = self.augmenter if paths.split == "train" else None
+        n_rows = augmenter.rows(len(samples)) if augmenter is not None else len(samples)
+        if augmenter is not None:
+            log.info("%s: adding %s per image", desc, augmenter.describe())
         threads = torch.get_num_threads()
         with ExitStack() as stack:
             stack.callback(torch.set_num_threads, threads)
@@ -246,14 +276,14 @@ class Extractor:
                 batches = iter(loader)
                 torch.set_num_threads(threads)
             writer = stack.enter_context(
-                BankWriter(paths, len(samples), self.info.layers, self.info.tap_shapes))
+                BankWriter(paths, n_rows, self.info.layers, self.info.tap_shapes))
             _features(self.model, self.preprocess,
                       iter(tqdm(batches, total=total, desc=desc, unit="batch", leave=False)),
-                      self.device, writer, filling)
+                      self.device, writer, filling, augmenter)
             if filling is not None:
                 filling.commit()
-            writer.commit(metadata(samples), fp)
-        log.info("%s: wrote %d images, taps %s", paths.describe(), len(samples),
+            writer.commit(metadata(samples, augmenter), fp)
+        log.info("%s: wrote %d images, taps %s", paths.describe(), n_rows,
                  self.info.tap_shapes)
 
 

@@ -40,6 +40,13 @@ log = logging.getLogger(__name__)
 BANK_FORMAT = 2
 SPLITS = ("train", "test")
 META_COLUMNS = ["path", "category", "split", "defect_type", "label", "mask_path", "height", "width"]
+#: Columns an augmented train bank adds after META_COLUMNS (patchbank.features.augment).
+OPTIONAL_COLUMNS = ["augment", "augment_of"]
+
+
+def meta_columns_ok(columns: Sequence[str]) -> bool:
+    """Whether a bank CSV has the bank columns (plus, for augmented banks, OPTIONAL_COLUMNS)."""
+    return list(columns) in (META_COLUMNS, META_COLUMNS + OPTIONAL_COLUMNS)
 #: Fingerprint keys that differ between the train and test bank of one configuration.
 PER_SPLIT_KEYS = ("split", "files_hash", "n_images")
 #: Fingerprint keys every reader relies on, with their JSON types.
@@ -142,7 +149,8 @@ def extract_command(banks_dir: Path, backbone: str, tag: str, category: str) -> 
     args = ["python", "scripts/extract.py", "--backbone", backbone, "--category", category,
             "--data-root", root or "DATA_ROOT", "--banks-dir", str(banks_dir)]
     flags = {"weights": "--weights", "layers": "--layers", "image_size": "--image-size",
-             "crop": "--crop", "normalize": "--normalize"}
+             "crop": "--crop", "normalize": "--normalize", "augment": "--augment",
+             "augment_ops": "--augment-ops"}
     for key, flag in flags.items():
         value = spec.get(key)
         if value is None:
@@ -325,7 +333,7 @@ class BankWriter:
             missing = self.n - self._next - sum(len(b[0]) for b in self._early.values())
             raise BankError(f"{self.paths.describe()}: {missing} images were never written; "
                             "re-run")
-        if list(meta.columns) != META_COLUMNS or len(meta) != self.n:
+        if not meta_columns_ok(meta.columns) or len(meta) != self.n:
             raise ValueError(f"meta must have columns {META_COLUMNS} and {self.n} rows")
         p = self.paths
         target = p.folder
@@ -411,7 +419,7 @@ def load_bank(banks_dir: Path, backbone: str, tag: str, category: str, split: st
     except (OSError, ValueError, EOFError) as err:
         raise BankError(f"{paths.describe()}: unreadable bank ({str(err).splitlines()[0]}); "
                         f"{fix}") from None
-    if list(meta.columns) != META_COLUMNS or len(meta) != n:
+    if not meta_columns_ok(meta.columns) or len(meta) != n:
         raise BankError(f"{paths.csv}: does not match the bank ({len(meta)} rows for {n} "
                         f"images); {fix}")
     return Bank(taps=taps, meta=meta, fingerprint=fp)

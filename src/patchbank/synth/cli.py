@@ -26,6 +26,8 @@ def synth_main(argv: Sequence[str] | None = None) -> None:
                    help=f"comma list of defect kinds from {', '.join(GENERATORS)}")
     p.add_argument("--holdout", type=float, default=0.25,
                    help="fraction of train/good held out: half test/good, half defect sources")
+    p.add_argument("--max-holdout", type=int, default=None,
+                   help="at most this many held-out images (caps the test set of big categories)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--perlin-source", default="image", choices=["image", "procedural"],
                    help="texture of Perlin defects: another training image, or generated")
@@ -46,6 +48,7 @@ def synth_main(argv: Sequence[str] | None = None) -> None:
             status = write_synthetic_set(root, category, args.out, kinds=kinds,
                                          holdout=args.holdout, seed=args.seed,
                                          perlin_source=args.perlin_source,
+                                         max_holdout=args.max_holdout,
                                          overwrite=args.overwrite)
             print(f"{args.out / category}: {status}")
 

@@ -64,16 +64,19 @@ def read_pixels(path: Path) -> np.ndarray:
     return np.asarray(load_image(path))
 
 
-def plan_split(n: int, holdout: float, seed: int, where: str = "train/good"
-               ) -> tuple[list[int], list[int], list[int]]:
+def plan_split(n: int, holdout: float, seed: int, where: str = "train/good",
+               max_holdout: int | None = None) -> tuple[list[int], list[int], list[int]]:
     """(train, test-good, defect-source) indices into the sorted train/good images.
 
-    ``round(holdout * n)`` images (at least 2) are held out by a seeded permutation; the first
+    ``round(holdout * n)`` images (at least 2, at most ``max_holdout``) are held out by a seeded
+    permutation; the first
     half of them (rounded up) become ``test/good``, the rest carry the synthetic defects.
     """
     if not 0 < holdout < 1:
         raise PatchbankError(f"--holdout {holdout}: must be between 0 and 1, e.g. 0.25")
     n_hold = max(2, round(holdout * n))
+    if max_holdout is not None:
+        n_hold = max(2, min(n_hold, int(max_holdout)))
     if n - n_hold < 2:
         raise DatasetError(f"{where}: {n} training images, too few to hold out {n_hold} and "
                            "keep 2 for training; lower --holdout or add images")
@@ -85,7 +88,7 @@ def plan_split(n: int, holdout: float, seed: int, where: str = "train/good"
 
 
 def settings(data_root: Path, category: str, kinds: Sequence[str], holdout: float, seed: int,
-             perlin_source: str) -> dict[str, Any]:
+             perlin_source: str, max_holdout: int | None = None) -> dict[str, Any]:
     """What decides a synthetic set's content (compared with its manifest)."""
     samples = discover(data_root, category, "train")
     return {
@@ -95,6 +98,7 @@ def settings(data_root: Path, category: str, kinds: Sequence[str], holdout: floa
         "n_source_images": len(samples),
         "kinds": list(kinds),
         "holdout": float(holdout),
+        **({"max_holdout": int(max_holdout)} if max_holdout is not None else {}),
         "seed": int(seed),
         "perlin_source": perlin_source,
     }
@@ -125,12 +129,13 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
 def write_synthetic_set(data_root: Path, category: str, out: Path, *,
                         kinds: Sequence[str] = DEFAULT_KINDS, holdout: float = 0.25,
                         seed: int = 0, perlin_source: str = "image",
-                        overwrite: bool = False) -> str:
+                        max_holdout: int | None = None, overwrite: bool = False) -> str:
     """Write ``<out>/<category>`` (see the module docstring); returns ``"written"``,
     ``"overwritten"`` or ``"skipped"`` (already up to date).
 
     ``perlin_source``: ``"image"`` blends Perlin defects with another (kept) training image of
-    the category, ``"procedural"`` with a generated texture.
+    the category, ``"procedural"`` with a generated texture. ``max_holdout`` caps the number
+    of held-out images (large categories: the test set grows by ``len(kinds)`` per source).
     """
     data_root, out = Path(data_root), Path(out)
     kinds = list(dict.fromkeys(kinds))
@@ -142,7 +147,7 @@ def write_synthetic_set(data_root: Path, category: str, out: Path, *,
     if out.resolve() == data_root.resolve() or data_root.resolve() in out.resolve().parents:
         raise PatchbankError(f"{out}: the output folder must lie outside the dataset "
                              f"{data_root}; pick another --out")
-    expected = settings(data_root, category, kinds, holdout, seed, perlin_source)
+    expected = settings(data_root, category, kinds, holdout, seed, perlin_source, max_holdout)
     target = out / category
     out.mkdir(parents=True, exist_ok=True)
     with file_lock(out / ".locks" / f"{category}.lock"):
@@ -165,7 +170,7 @@ def write_synthetic_set(data_root: Path, category: str, out: Path, *,
         tmp = temp_name(target)
         try:
             files, provenance = _build(data_root, category, tmp, kinds, holdout, seed,
-                                       perlin_source)
+                                       perlin_source, max_holdout)
             manifest = {"generator": GENERATOR, "version": VERSION, "settings": expected,
                         "sources": provenance, "files": files}
             atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
@@ -183,12 +188,14 @@ def write_synthetic_set(data_root: Path, category: str, out: Path, *,
 
 
 def _build(data_root: Path, category: str, folder: Path, kinds: Sequence[str], holdout: float,
-           seed: int, perlin_source: str) -> tuple[dict[str, int], dict[str, str]]:
+           seed: int, perlin_source: str, max_holdout: int | None
+           ) -> tuple[dict[str, int], dict[str, str]]:
     """Write the set's images into ``folder``; returns (relative path -> size, relative path ->
     source image relative to the dataset root)."""
     samples = discover(data_root, category, "train")
     train_idx, good_idx, src_idx = plan_split(len(samples), holdout, seed,
-                                              str(data_root / category / "train" / "good"))
+                                              str(data_root / category / "train" / "good"),
+                                              max_holdout)
     files: dict[str, int] = {}
     provenance: dict[str, str] = {}
 
