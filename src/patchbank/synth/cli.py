@@ -55,3 +55,50 @@ def synth_main(argv: Sequence[str] | None = None) -> None:
         _each(resolve_categories(root, args.category), args.fail_fast, one)
 
     _main(p, run, argv)
+
+
+def select_main(argv: Sequence[str] | None = None) -> None:
+    """Rank configurations on a synthetic validation set; compare with real metrics
+    (``scripts/select.py``)."""
+    from patchbank.synth.select import METRICS
+
+    p = argparse.ArgumentParser(
+        description="Pick backbone x method x setting per category from their metrics on a "
+                    "synthetic validation set (scores evaluated with scripts/run.py or "
+                    "score + evaluate); with --real-scores-dir, compare the pick with the "
+                    "oracle and the default on the real test set.")
+    p.add_argument("--scores-dir", type=Path, required=True,
+                   help="scores folder of runs evaluated on the synthetic set")
+    p.add_argument("--real-scores-dir", type=Path, default=None,
+                   help="scores folder of the same configurations evaluated on the real set")
+    p.add_argument("--category", default="all", help="category name, comma list, or 'all'")
+    p.add_argument("--metric", default="image_auroc", choices=METRICS)
+    p.add_argument("--default", default="efficientnet_lite0/patchcore",
+                   help="the fixed default configuration as backbone/method")
+    p.add_argument("--top", type=int, default=5, help="configurations listed per category")
+    p.add_argument("--out", type=Path, default=None, help="also write the tables here (.md)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    def run(args: argparse.Namespace) -> None:
+        from patchbank.core.atomic import atomic_write_text
+        from patchbank.synth.select import collect, compare, markdown, pick, ranking_markdown
+
+        cats = None if args.category == "all" else [
+            c.strip() for c in args.category.split(",") if c.strip()]
+        synthetic = collect(args.scores_dir, cats)
+        text = f"## Ranking on the synthetic set by {args.metric}\n\n"
+        text += ranking_markdown(synthetic, args.metric, args.top)
+        picks = pick(synthetic, args.metric)
+        text += "\n## Pick per category\n\n" + "\n".join(
+            f"- {row['category']}: {row['config']} ({args.metric} {100 * row[args.metric]:.1f} "
+            "on the synthetic set)" for _, row in picks.iterrows()) + "\n"
+        if args.real_scores_dir is not None:
+            table = compare(synthetic, collect(args.real_scores_dir, cats), args.metric,
+                            args.default)
+            text += (f"\n## Synthetic pick vs oracle vs default on the real test set "
+                     f"({args.metric}, %)\n\n" + markdown(table, args.metric))
+        print(text)
+        if args.out is not None:
+            atomic_write_text(args.out, text)
+
+    _main(p, run, argv)
