@@ -29,10 +29,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
 
-from patchbank.synth.shapes import DRAWERS as _DEFECTS
-from patchbank.synth.shapes import blob_polygon as _blob_polygon
-from patchbank.synth.shapes import pixel_grid
-from patchbank.synth.shapes import smoothstep as _smoothstep
+from patchbank.data.shapes import DRAWERS as _DEFECTS
+from patchbank.data.shapes import blob_polygon as _blob_polygon
+from patchbank.data.shapes import pixel_grid
+from patchbank.data.shapes import smoothstep as _smoothstep
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ the worker count or whether the pixels came from the cache. Ops (``augment_ops``
 - ``blur``: Gaussian blur, radius 0-1 px (at 224 px; scaled with S);
 - ``noise``: Gaussian pixel noise, sigma 0-5 grey levels;
 - ``jitter``: colour jitter, brightness/contrast/saturation/hue 0.1
-  (:func:`patchbank.synth.generators.colour_jitter`).
+  (:func:`patchbank.data.shapes.colour_jitter`).
 
 The default (:data:`DEFAULT_OPS`) keeps the orientation (flips and rotations turn some normal
 parts into defects, e.g. MVTec's metal_nut ``flip``); ask for ``flip``/``rot90``/``rot8`` when
@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from patchbank.core.errors import PatchbankError
+from patchbank.data.shapes import colour_jitter
 
 SEED = 0xA06
 OPS: tuple[str, ...] = ("flip", "rot90", "dihedral", "rot8", "scale", "blur", "noise", "jitter")
@@ -57,8 +58,6 @@ def _dihedral(arr: np.ndarray, k: int) -> np.ndarray:
 
 def augment_image(pixels: np.ndarray, ops: Sequence[str], row: int, copy: int) -> np.ndarray:
     """Copy ``copy`` (1-based) of the (S, S, 3) uint8 image of bank row ``row``."""
-    from patchbank.synth.generators import colour_jitter
-
     rng = np.random.default_rng([SEED, int(row), int(copy)])
     arr = np.asarray(pixels, dtype=np.uint8)
     size = arr.shape[0]

@@ -18,7 +18,7 @@ gives identical bytes.
   available offline) after 3 of DRAEM's 10 colour/geometry augmenters, or a procedural
   fractal-noise texture when no source is given.
 - ``scratch``, ``hole``, ``stain``: the demo dataset's defects
-  (:mod:`patchbank.synth.shapes`) placed anywhere 15-85 % across the image.
+  (:mod:`patchbank.data.shapes`) placed anywhere 15-85 % across the image.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from patchbank.core.errors import PatchbankError
-from patchbank.synth.shapes import DRAWERS
+from patchbank.data.shapes import DRAWERS, colour_jitter, pil_image
 
 Generator = Callable[..., tuple[np.ndarray, np.ndarray]]
 
@@ -56,34 +56,6 @@ def _composite(image: np.ndarray, changed: np.ndarray, mask: np.ndarray) -> np.n
     out = image.copy()
     out[mask] = changed[mask]
     return out
-
-
-# --------------------------------------------------------------------------- colour jitter
-
-
-def _pil(arr: np.ndarray) -> Image.Image:
-    return Image.fromarray(arr, mode="L" if arr.ndim == 2 else "RGB")
-
-
-def colour_jitter(patch: np.ndarray, rng: np.random.Generator, strength: float = 0.1
-                  ) -> np.ndarray:
-    """torchvision-style ColorJitter(brightness, contrast, saturation, hue = ``strength``) in a
-    random order; grayscale patches get brightness and contrast only."""
-    img = _pil(patch)
-    ops = ["brightness", "contrast"] + (["saturation", "hue"] if patch.ndim == 3 else [])
-    for i in rng.permutation(len(ops)):
-        op = ops[int(i)]
-        if op == "hue":
-            shift = rng.uniform(-strength, strength)
-            hsv = np.array(img.convert("HSV"))
-            hsv[..., 0] = (hsv[..., 0].astype(np.int16) + round(shift * 255)) % 256
-            img = Image.fromarray(hsv, mode="HSV").convert("RGB")
-            continue
-        factor = rng.uniform(max(0.0, 1 - strength), 1 + strength)
-        enhancer = {"brightness": ImageEnhance.Brightness, "contrast": ImageEnhance.Contrast,
-                    "saturation": ImageEnhance.Color}[op]
-        img = enhancer(img).enhance(factor)
-    return np.asarray(img)
 
 
 # --------------------------------------------------------------------------- CutPaste
@@ -124,7 +96,7 @@ def cutpaste_scar(image: np.ndarray, rng: np.random.Generator, *,
     sw = max(1, min(w - 1, round(rng.uniform(*width) * scale)))
     sh = max(1, min(h - 1, round(rng.uniform(*height) * scale)))
     fy, fx = int(rng.integers(0, h - sh + 1)), int(rng.integers(0, w - sw + 1))
-    patch = _pil(colour_jitter(image[fy:fy + sh, fx:fx + sw], rng, jitter))
+    patch = pil_image(colour_jitter(image[fy:fy + sh, fx:fx + sw], rng, jitter))
     angle = rng.uniform(*rotation)
     # rotate the strip and an all-255 alpha with it (nearest: the alpha stays exact)
     rotated = patch.rotate(angle, resample=Image.Resampling.NEAREST, expand=True)
@@ -186,17 +158,17 @@ def perlin_mask(shape: tuple[int, int], rng: np.random.Generator, *,
 def _draem_augment(src: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """3 distinct ops of DRAEM's 10 source-image augmenters (gamma contrast, brightness,
     sharpness, hue/saturation, solarize, posterize, invert, autocontrast, equalize, rotate)."""
-    img = _pil(src)
+    img = pil_image(src)
     for i in rng.choice(10, size=3, replace=False):
         i = int(i)
         if i == 0:  # GammaContrast((0.5, 2.0), per_channel)
             arr = np.asarray(img).astype(np.float64) / 255.0
             gam = rng.uniform(0.5, 2.0, size=(1, 1, arr.shape[2]) if arr.ndim == 3 else 1)
-            img = _pil(np.rint(255.0 * arr**gam).astype(np.uint8))
+            img = pil_image(np.rint(255.0 * arr**gam).astype(np.uint8))
         elif i == 1:  # MultiplyAndAddToBrightness(mul=(0.8, 1.2), add=(-30, 30))
             arr = np.asarray(img).astype(np.float64) * rng.uniform(0.8, 1.2) \
                 + rng.uniform(-30, 30)
-            img = _pil(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+            img = pil_image(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
         elif i == 2:  # EnhanceSharpness
             img = ImageEnhance.Sharpness(img).enhance(rng.uniform(0.0, 2.0))
         elif i == 3:  # AddToHueAndSaturation((-50, 50), per_channel)
@@ -238,7 +210,7 @@ def procedural_texture(shape: tuple[int, int], channels: int, rng: np.random.Gen
         acc = (acc - acc.min()) / max(float(np.ptp(acc)), 1e-9)
         layers.append(np.rint(255 * acc).astype(np.uint8))
     tex = np.stack(layers, axis=-1) if channels == 3 else layers[0]
-    return np.asarray(_pil(tex).resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
+    return np.asarray(pil_image(tex).resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
 
 
 def _as_source(source: np.ndarray, image: np.ndarray) -> np.ndarray:
@@ -298,7 +270,7 @@ def _demo(kind: str) -> Generator:
         return _composite(image, changed, mask), mask
 
     generate.__name__ = kind
-    generate.__doc__ = f"The demo dataset's {kind} (:func:`patchbank.synth.shapes.draw_{kind}`)."
+    generate.__doc__ = f"The demo dataset's {kind} (:func:`patchbank.data.shapes.draw_{kind}`)."
     return generate
 
 

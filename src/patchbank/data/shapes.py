@@ -1,4 +1,5 @@
-"""Defect drawing primitives shared by the demo dataset and the synthetic-anomaly generators.
+"""Defect drawing and colour primitives shared by the demo dataset, the synthetic-anomaly
+generators (:mod:`patchbank.synth`) and training-image augmentation.
 
 Each ``draw_*`` function changes a float image in [0, 1] of shape (H, W, 3) **in place** around
 ``centre`` and returns the bool (H, W) mask of the pixels it drew. ``scale`` multiplies line
@@ -12,7 +13,7 @@ import math
 from collections.abc import Callable
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 
 def pixel_grid(height: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -123,6 +124,32 @@ def draw_stain(
     return mask
 
 
+def pil_image(arr: np.ndarray) -> Image.Image:
+    """uint8 (H, W) -> PIL "L", (H, W, 3) -> "RGB"."""
+    return Image.fromarray(arr, mode="L" if arr.ndim == 2 else "RGB")
+
+
+def colour_jitter(patch: np.ndarray, rng: np.random.Generator, strength: float = 0.1
+                  ) -> np.ndarray:
+    """torchvision-style ColorJitter(brightness, contrast, saturation, hue = ``strength``) in a
+    random order; grayscale patches get brightness and contrast only."""
+    img = pil_image(patch)
+    ops = ["brightness", "contrast"] + (["saturation", "hue"] if patch.ndim == 3 else [])
+    for i in rng.permutation(len(ops)):
+        op = ops[int(i)]
+        if op == "hue":
+            shift = rng.uniform(-strength, strength)
+            hsv = np.array(img.convert("HSV"))
+            hsv[..., 0] = (hsv[..., 0].astype(np.int16) + round(shift * 255)) % 256
+            img = Image.fromarray(hsv, mode="HSV").convert("RGB")
+            continue
+        factor = rng.uniform(max(0.0, 1 - strength), 1 + strength)
+        enhancer = {"brightness": ImageEnhance.Brightness, "contrast": ImageEnhance.Contrast,
+                    "saturation": ImageEnhance.Color}[op]
+        img = enhancer(img).enhance(factor)
+    return np.asarray(img)
+
+
 #: The demo dataset's RGB defects by name.
 DRAWERS: dict[str, Callable[..., np.ndarray]] = {
     "hole": draw_hole,
@@ -130,5 +157,5 @@ DRAWERS: dict[str, Callable[..., np.ndarray]] = {
     "stain": draw_stain,
 }
 
-__all__ = ["DRAWERS", "STAIN_COLOURS", "blob_polygon", "draw_hole", "draw_scratch", "draw_stain",
-           "pixel_grid", "polygon_mask", "smoothstep"]
+__all__ = ["DRAWERS", "STAIN_COLOURS", "blob_polygon", "colour_jitter", "draw_hole",
+           "draw_scratch", "draw_stain", "pil_image", "pixel_grid", "polygon_mask", "smoothstep"]
