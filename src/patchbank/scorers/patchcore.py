@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from patchbank.scorers.base import Params, Scorer, align_taps, batches, choice
 from patchbank.scorers.coreset import PROJECTIONS, coreset_indices
-from patchbank.scorers.neighbors import FlatIndex
+from patchbank.scorers.neighbors import FlatIndex, PrunedIndex
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,10 @@ class PatchCoreScorer(Scorer):
     def _set_state(self, arrays: Mapping[str, np.ndarray]) -> None:
         self.memory_bank_ = np.asarray(arrays["memory_bank"], dtype=np.float32)
         self.coreset_idx_ = np.asarray(arrays["coreset_idx"])
-        self._index = FlatIndex(self.memory_bank_, "l2", self.device)
+        bank = self.memory_bank_
+        # exact either way; the bounds pay off for wide features on the CPU
+        pruned = self.device == "cpu" and bank.shape[1] >= 512 and len(bank) >= 4096
+        self._index = (PrunedIndex(bank) if pruned else FlatIndex(bank, "l2", self.device))
 
     def _score(self, test: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Scores in batches of images, so memory stays bounded however large the test set."""
