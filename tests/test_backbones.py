@@ -33,6 +33,8 @@ EXPECTED = {
     "efficientnet_lite2": (64, 16, 24 + 48 + 120),
     "dinov2": (56, 4, 2 * 384),  # 56 / 14 = 4, two ViT-S blocks
     "dinov2_vitb14": (56, 4, 2 * 768),
+    "anomalydino_vits14": (56, 4, 384),  # the last block only, after the final norm
+    "anomalydino_vitb14": (56, 4, 768),
     "mae": (64, 4, 2 * 768),  # 64 / 16 = 4, two ViT-B blocks
     "pixels": (64, 16, 3),  # raw pixels area-pooled by 2^2: 64 / 4 = 16
 }
@@ -157,6 +159,20 @@ def test_dinov2_file_weights_match_full_model_blocks(tmp_path: Path) -> None:
     maps = [t[:, full.num_prefix_tokens:].transpose(1, 2).reshape(2, -1, 4, 4)
             for t in _hooked(full, ["blocks.7", "blocks.10"], x)]
     torch.testing.assert_close(got, torch.cat(maps, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_anomalydino_spec_taps_the_last_block_after_the_final_norm() -> None:
+    spec = get_spec("anomalydino_vits14")
+    assert (spec.layers, spec.image_size, spec.final_norm) == ((11,), 448, True)
+    torch.manual_seed(2)
+    model, _ = build_extractor("anomalydino_vits14", weights="random", image_size=56)
+    full = model.model
+    x = _images(56)
+    with torch.no_grad():
+        got = model(x)
+        tokens = full.forward_features(x)[:, full.num_prefix_tokens:]  # last block + norm
+    want = tokens.transpose(1, 2).reshape(2, 384, 4, 4)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def _mae_layers(mae: torch.nn.Module) -> torch.nn.ModuleList:

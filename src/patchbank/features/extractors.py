@@ -127,13 +127,15 @@ class _CnnExtractor(FeatureExtractor):
 class _VitExtractor(FeatureExtractor):
     """timm ViT, blocks pruned after the last tap; patch tokens of the tapped blocks."""
 
-    def __init__(self, model: nn.Module, image_size: int, layers: tuple[int, ...]) -> None:
+    def __init__(self, model: nn.Module, image_size: int, layers: tuple[int, ...],
+                 norm: bool = False) -> None:
         super().__init__(model, image_size)
         self.layers = list(layers)
+        self.norm = norm
 
     def taps(self, x: Tensor) -> list[Tensor]:
         return self.model.forward_intermediates(
-            x, indices=self.layers, return_prefix_tokens=False, norm=False,
+            x, indices=self.layers, return_prefix_tokens=False, norm=self.norm,
             output_fmt="NCHW", intermediates_only=True)
 
 
@@ -210,8 +212,9 @@ def _build_vit(spec: BackboneSpec, mode: str, path: Path | None, layers: tuple[i
     check_layers(spec, layers, len(meta_timm(spec.model_id).blocks))
     model = create_timm(spec, mode, img_size=image_size)
     weights_id = timm_weights(model, spec, mode, path, vit=True)
-    model.prune_intermediate_layers(list(layers), prune_norm=True, prune_head=True)
-    return _VitExtractor(model, image_size, layers), weights_id
+    model.prune_intermediate_layers(list(layers), prune_norm=not spec.final_norm,
+                                    prune_head=True)
+    return _VitExtractor(model, image_size, layers, spec.final_norm), weights_id
 
 
 def _build_mae(spec: BackboneSpec, mode: str, path: Path | None, layers: tuple[int, ...],

@@ -41,6 +41,9 @@ class BackboneSpec:
     patch_size: int | None
     weights_source: str
     pypi_weights: str | None = None
+    #: ViTs: apply the model's final norm to the tapped tokens (DINOv2's
+    #: ``get_intermediate_layers(norm=True)``, what AnomalyDINO uses).
+    final_norm: bool = False
 
 
 REGISTRY: dict[str, BackboneSpec] = {
@@ -75,6 +78,20 @@ REGISTRY: dict[str, BackboneSpec] = {
             "dinov2_vitb14", "vit", "vit_base_patch14_dinov2.lvd142m", (7, 10), 224,
             IMAGENET_MEAN, IMAGENET_STD, 14,
             "timm hub timm/vit_base_patch14_dinov2.lvd142m (DINOv2 ViT-B/14)",
+        ),
+        # AnomalyDINO's setting (dammsi/AnomalyDINO): the last block's tokens after the final
+        # norm, at 448 px (a 32 x 32 grid); the same weights as dinov2 / dinov2_vitb14.
+        BackboneSpec(
+            "anomalydino_vits14", "vit", "vit_small_patch14_dinov2.lvd142m", (11,), 448,
+            IMAGENET_MEAN, IMAGENET_STD, 14,
+            "timm hub timm/vit_small_patch14_dinov2.lvd142m (DINOv2 ViT-S/14, final norm)",
+            final_norm=True,
+        ),
+        BackboneSpec(
+            "anomalydino_vitb14", "vit", "vit_base_patch14_dinov2.lvd142m", (11,), 448,
+            IMAGENET_MEAN, IMAGENET_STD, 14,
+            "timm hub timm/vit_base_patch14_dinov2.lvd142m (DINOv2 ViT-B/14, final norm)",
+            final_norm=True,
         ),
         BackboneSpec(
             "mae", "mae", "facebook/vit-mae-base", (7, 10), 224, IMAGENET_MEAN, IMAGENET_STD, 16,
