@@ -3,7 +3,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 ARGS ?=
 
-.PHONY: run test lint bench bench-quality
+.PHONY: run test lint bench bench-quality sweep
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
@@ -16,6 +16,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check src scripts tests
 	$(PY) -m pytest -q $(ARGS)
+
+# A sweep (README "Sweeps"): ARGS="--config sweep.yaml" or flags, e.g.
+# ARGS="--category demo_texture --method padim,knn --shots 1,4,all --seeds 0,1,2 --executor ray"
+sweep: $(STAMP)
+	$(PY) -m patchbank.sweep.cli $(ARGS)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_extract.py
