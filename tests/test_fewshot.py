@@ -15,7 +15,7 @@ from patchbank.cli import score_main
 from patchbank.core.errors import PatchbankError
 from patchbank.scorers import make_scorer
 from patchbank.stages.evaluate import evaluate
-from patchbank.stages.score import run_name, score_category, shot_indices
+from patchbank.stages.score import run_name, score_category, shot_indices, shot_rows
 from patchbank.store.banks import load_bank
 from patchbank.store.runs import RunPaths, load_run
 
@@ -40,6 +40,20 @@ def test_shot_indices_seeded_sorted_distinct() -> None:
     assert a.tolist() == shot_indices(30, 5, 1).tolist() and len(set(a.tolist())) == 5
     assert (np.diff(a) > 0).all() and a.min() >= 0 and a.max() < 30
     assert a.tolist() != shot_indices(30, 5, 2).tolist()
+
+
+def test_shots_of_an_augmented_bank_are_images_with_their_copies() -> None:
+    # 6 images, 2 augmented copies each, interleaved as the extract stage writes them
+    meta = pd.DataFrame({"augment": np.tile([0, 1, 2], 6),
+                         "augment_of": np.repeat(np.arange(6) * 3, 3)})
+    chosen, rows = shot_rows(meta, 2, 5)
+    assert (meta["augment"].to_numpy()[chosen] == 0).all() and len(chosen) == 2
+    assert chosen.tolist() == (np.arange(6) * 3)[shot_indices(6, 2, 5)].tolist()
+    assert rows.tolist() == sorted(r for c in chosen for r in (c, c + 1, c + 2))
+    assert shot_rows(meta, None, 5)[1].tolist() == list(range(18))
+    plain = pd.DataFrame({"path": list("abcdef")})
+    chosen, rows = shot_rows(plain, 3, 1)
+    assert chosen.tolist() == rows.tolist() == shot_indices(6, 3, 1).tolist()
 
 
 def test_few_shot_fits_on_the_seeded_rows_only(tmp_path: Path) -> None:

@@ -106,6 +106,20 @@ def shot_indices(n: int, shots: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=int(shots), replace=False))
 
 
+def shot_rows(meta: pd.DataFrame, shots: int | None, seed: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen training images' bank rows, every bank row fitted on). Banks extracted with
+    ``--augment`` draw the shots among the original images and keep each one's augmented
+    copies (the ``augment``/``augment_of`` columns), so a shot is an image, not a copy."""
+    augmented = "augment" in meta.columns and "augment_of" in meta.columns
+    originals = np.flatnonzero(meta["augment"].to_numpy() == 0) if augmented \
+        else np.arange(len(meta))
+    chosen = originals[shot_indices(len(originals), shots, seed)]
+    if not augmented or shots is None:
+        return chosen, np.arange(len(meta)) if shots is None else chosen
+    return chosen, np.flatnonzero(np.isin(meta["augment_of"].to_numpy(), chosen))
+
+
 def subset_bank(bank: Bank, rows: np.ndarray) -> Bank:
     """The bank restricted to ``rows`` (taps read into memory; metadata re-indexed)."""
     return Bank({k: np.asarray(v[rows]) for k, v in bank.taps.items()},
@@ -170,10 +184,12 @@ def score_category(
     # anything is fitted.
     train, test = load_pair(banks_dir, backbone, tag, category)
     check_finite(test, banks_dir, backbone, tag, category, "test")
-    if shots is not None and not 1 <= int(shots) <= len(train):
+    n_images = int((train.meta["augment"] == 0).sum()) if "augment" in train.meta.columns \
+        else len(train)
+    if shots is not None and not 1 <= int(shots) <= n_images:
         raise PatchbankError(
             f"--shots {shots}: {BankPaths.of(banks_dir, backbone, tag, category, 'train').csv}"
-            f" has {len(train)} training images; choose 1..{len(train)} or leave it out (all)")
+            f" has {n_images} training images; choose 1..{n_images} or leave it out (all)")
     shots = None if shots is None else int(shots)
     name = name or run_name(method, scorer.params, tag, holdout, seed, shots)
     paths = RunPaths.of(scores_dir, backbone, name, category)
@@ -207,9 +223,9 @@ def score_category(
                             "; ".join(d[:120] for d in diff))
             elif damaged:
                 log.warning("%s: damaged (%s), recomputing", paths.folder, "; ".join(damaged))
-        rows = shot_indices(len(train), shots, seed)
+        chosen, rows = shot_rows(train.meta, shots, seed)
         info["n_train_bank"] = len(train)
-        info["train_indices"] = rows.tolist() if shots is not None else None
+        info["train_indices"] = chosen.tolist() if shots is not None else None
         if shots is not None:
             train = subset_bank(train, rows)
         _fit_score_write(scorer, method, backbone, category, name, tag, train, test, paths,
