@@ -1,5 +1,5 @@
 """Choosing a configuration from synthetic-set metrics: ranking, the pick, the comparison with
-real metrics (oracle, default, Spearman) and scripts/select.py."""
+real metrics (oracle, default, Spearman) and scripts/select_config.py."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from patchbank.core.errors import ScoresError
 from patchbank.synth.select import collect, compare, pick, rank, spearman
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "select_config.py"
 
 
 def write_run(scores: Path, backbone: str, run: str, category: str, **metrics: float) -> None:
@@ -72,7 +73,7 @@ def test_select_script(tmp_path: Path) -> None:
     make(tmp_path / "syn", {"a": [0.9, 0.8, 0.7, 0.6]})
     make(tmp_path / "real", {"a": [0.7, 0.95, 0.8, 0.6]})
     out = tmp_path / "bench" / "select.md"
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "select.py"), "--scores-dir",
+    done = subprocess.run([sys.executable, str(SCRIPT), "--scores-dir",
                            str(tmp_path / "syn"), "--real-scores-dir", str(tmp_path / "real"),
                            "--out", str(out)], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
@@ -80,7 +81,7 @@ def test_select_script(tmp_path: Path) -> None:
     assert "- a: efficientnet_lite0/padim-s224-a (image_auroc 90.0" in text
     assert "| a | 4 | efficientnet_lite0 padim | 90.0 | 70.0 (3) | efficientnet_lite0 " \
            "patchcore | 95.0 | efficientnet_lite0 patchcore | 95.0 | +0.40 |" in text
-    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "select.py"), "--scores-dir",
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--scores-dir",
                           str(tmp_path / "none")], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: ")
     assert "no evaluated runs" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -1,4 +1,5 @@
-"""Command lines of ``scripts/synth.py`` and ``scripts/select.py``: parsing, then the package."""
+"""Command lines of ``scripts/synth.py`` and ``scripts/select_config.py``: parsing, then the
+package."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def synth_main(argv: Sequence[str] | None = None) -> None:
 
 def select_main(argv: Sequence[str] | None = None) -> None:
     """Rank configurations on a synthetic validation set; compare with real metrics
-    (``scripts/select.py``)."""
+    (``scripts/select_config.py``)."""
     from patchbank.synth.select import METRICS
 
     p = argparse.ArgumentParser(
