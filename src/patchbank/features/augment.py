@@ -11,7 +11,8 @@ the worker count or whether the pixels came from the cache. Ops (``augment_ops``
 - ``dihedral``: copy k is the k-th of the 7 non-identity elements of the square's symmetry group
   (rotations by 90/180/270 degrees, each with and without a horizontal flip; cycles after 7);
 - ``rot8``: AnomalyDINO's rotations: copy k is rotated by 45 * k degrees (k mod 8, so 7 copies
-  give 45..315), corners filled with black as in its reference code;
+  give 45..315) about the centre, bilinear, the corners filled by reflection without repeating
+  the edge (its reference code's ``cv2.warpAffine`` with ``BORDER_DEFAULT`` = reflect-101);
 - ``scale``: zoom by 0.9-1.1 about the centre (a zoom-out is padded by reflection);
 - ``blur``: Gaussian blur, radius 0-1 px (at 224 px; scaled with S);
 - ``noise``: Gaussian pixel noise, sigma 0-5 grey levels;
@@ -56,6 +57,18 @@ def _dihedral(arr: np.ndarray, k: int) -> np.ndarray:
     return out[:, ::-1] if element >= 4 else out
 
 
+def _rotate_reflect(arr: np.ndarray, angle: float) -> np.ndarray:
+    """``arr`` rotated counter-clockwise by ``angle`` degrees about its centre (bilinear), the
+    corners filled by reflect-101: rotate a symmetrically reflect-padded copy, crop it back."""
+    h, w = arr.shape[:2]
+    pad = int(np.ceil(0.21 * max(h, w))) + 2  # (sqrt(2) - 1) / 2 of the side covers 45 degrees
+    widths = ((pad, pad), (pad, pad)) + ((0, 0),) * (arr.ndim - 2)
+    big = np.pad(arr, widths, mode="reflect")
+    turned = np.asarray(Image.fromarray(np.ascontiguousarray(big)).rotate(
+        angle, resample=Image.Resampling.BILINEAR))
+    return turned[pad:pad + h, pad:pad + w]
+
+
 def augment_image(pixels: np.ndarray, ops: Sequence[str], row: int, copy: int) -> np.ndarray:
     """Copy ``copy`` (1-based) of the (S, S, 3) uint8 image of bank row ``row``."""
     rng = np.random.default_rng([SEED, int(row), int(copy)])
@@ -74,8 +87,7 @@ def augment_image(pixels: np.ndarray, ops: Sequence[str], row: int, copy: int) -
         elif op == "rot8":
             angle = 45.0 * (copy % 8)
             if angle:
-                arr = np.asarray(Image.fromarray(np.ascontiguousarray(arr)).rotate(
-                    angle, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0)))
+                arr = _rotate_reflect(arr, angle)
         elif op == "scale":
             s = rng.uniform(0.9, 1.1)
             new = max(1, round(size * s))
