@@ -122,7 +122,7 @@ def knn(database: np.ndarray, queries: np.ndarray, k: int = 1, metric: str = "l2
     return FlatIndex(database, metric, device).search(queries, k, chunk)
 
 
-class PrunedIndex(FlatIndex):
+class PrunedIndex:
     """Exact L2 nearest neighbour (k = 1) with lower bounds from a PCA contraction (CPU).
 
     The database is split, around its mean, into its coordinates along the top ``dims``
@@ -132,13 +132,16 @@ class PrunedIndex(FlatIndex):
     nearest distance; only entries whose bound (less a margin far above float32 rounding) is
     below it get an exact distance. On bottle's PatchCore memory bank (16,385 x 1024), 256
     directions leave ~9 candidates per test patch and take 0.43x the CPU time of the flat
-    search. ``k`` > 1 (and a GPU) use the flat search.
+    search. ``k`` > 1 uses a flat index, built on first use (it holds another copy).
     """
 
-    def __init__(self, vectors: np.ndarray, dims: int = 256, device: str = "cpu") -> None:
-        super().__init__(vectors, "l2", device)
+    def __init__(self, vectors: np.ndarray, dims: int = 256) -> None:
         base = as_float32(vectors)
+        if len(base) == 0:
+            raise ValueError("cannot build a k-NN index over zero vectors")
         self.base = base
+        self.dim = int(base.shape[1])
+        self._flat: FlatIndex | None = None
         self.mean = base.mean(axis=0, dtype=np.float64)
         centred = base - self.mean.astype(np.float32)
         sample = centred[:: max(1, len(centred) // 4096)]  # any orthonormal basis is valid
@@ -150,6 +153,9 @@ class PrunedIndex(FlatIndex):
         #: margin of the bound test: float32 rounding of |a|^2 + |b|^2 - 2 a.b is far below it.
         self.slack = 1e-4 * float(self.low_sq.max())
 
+    def __len__(self) -> int:
+        return len(self.base)
+
     def _contract(self, centred: np.ndarray) -> np.ndarray:
         low = centred @ self.proj
         rest = np.einsum("ij,ij->i", centred, centred) - np.einsum("ij,ij->i", low, low)
@@ -157,15 +163,17 @@ class PrunedIndex(FlatIndex):
 
     def search(self, queries: np.ndarray, k: int = 1, chunk: int = 1024,
                desc: str = "k-NN search") -> tuple[np.ndarray, np.ndarray]:
-        if k != 1 or self.on_gpu:
-            return super().search(queries, k, desc=desc)
+        if k != 1:
+            if self._flat is None:  # built on first use only: it holds another copy
+                self._flat = FlatIndex(self.base, "l2", "cpu")
+            return self._flat.search(queries, k, desc=desc)
         q = np.asarray(queries)
         if q.shape[-1] != self.dim:
             raise ValueError(f"query dimension {q.shape[-1]} != index dimension {self.dim}")
         q = q.reshape(-1, self.dim)
         dist = np.empty((len(q), 1), dtype=np.float32)
         idx = np.empty((len(q), 1), dtype=np.int64)
-        for lo, hi in batches(len(q), chunk):
+        for lo, hi in batches(len(q), min(chunk, 1024)):  # a (chunk, entries) bound matrix
             part = as_float32(q[lo:hi])
             low = self._contract(part - self.mean.astype(np.float32))
             bound = self.low_sq[None] - 2.0 * (low @ self.low.T)
