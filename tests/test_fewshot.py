@@ -15,8 +15,16 @@ from patchbank.cli import score_main
 from patchbank.core.errors import PatchbankError
 from patchbank.scorers import make_scorer
 from patchbank.stages.evaluate import evaluate
-from patchbank.stages.score import run_name, score_category, shot_indices, shot_rows
-from patchbank.store.banks import load_bank
+from patchbank.stages.score import (
+    fit_bank,
+    holdout_rows,
+    holdout_split,
+    run_name,
+    score_category,
+    shot_indices,
+    shot_rows,
+)
+from patchbank.store.banks import Bank, load_bank
 from patchbank.store.runs import RunPaths, load_run
 
 
@@ -54,6 +62,29 @@ def test_shots_of_an_augmented_bank_are_images_with_their_copies() -> None:
     plain = pd.DataFrame({"path": list("abcdef")})
     chosen, rows = shot_rows(plain, 3, 1)
     assert chosen.tolist() == rows.tolist() == shot_indices(6, 3, 1).tolist()
+
+
+def test_hold_out_and_few_shot_keep_copies_with_their_image() -> None:
+    # 10 images, 2 copies each, interleaved; the tap value is the image number
+    meta = pd.DataFrame({"augment": np.tile([0, 1, 2], 10),
+                         "augment_of": np.repeat(np.arange(10) * 3, 3)})
+    fit, out = holdout_rows(meta, 0.2, 4)
+    held = (np.arange(10) * 3)[holdout_split(10, 0.2, 4)[1]]
+    assert out.tolist() == held.tolist()  # two originals, none of their copies
+    assert set(fit).isdisjoint({h + c for h in held for c in range(3)})
+    assert len(fit) == 24 and (np.diff(fit) > 0).all()
+    plain = pd.DataFrame({"path": list("abcdefghij")})
+    assert [a.tolist() for a in holdout_rows(plain, 0.2, 4)] == \
+        [a.tolist() for a in holdout_split(10, 0.2, 4)]
+    # a few-shot subset re-points augment_of at its own rows, so the hold-out still works
+    taps = {1: np.repeat(np.arange(10), 3).astype(np.float32).reshape(30, 1, 1, 1)}
+    sub = fit_bank(Bank(taps, meta, {}), 4, 0)
+    assert len(sub.meta) == 12 and sub.meta["augment"].tolist() == [0, 1, 2] * 4
+    assert sub.meta["augment_of"].tolist() == [0, 0, 0, 3, 3, 3, 6, 6, 6, 9, 9, 9]
+    fit, out = holdout_rows(sub.meta, 0.5, 0)
+    assert len(out) == 2 and len(fit) == 6
+    images = sub.taps[1][:, 0, 0, 0]
+    assert set(images[fit].tolist()).isdisjoint(images[out].tolist())
 
 
 def test_few_shot_fits_on_the_seeded_rows_only(tmp_path: Path) -> None:

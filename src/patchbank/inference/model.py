@@ -267,11 +267,11 @@ class RunModel:
                         f"the unsupervised pixel threshold and was not found{found}; {hint}")
 
     def _holdout_pixel_threshold(self) -> Threshold:
-        from patchbank.stages.score import holdout_split
+        from patchbank.stages.score import fit_bank, holdout_rows
 
-        bank = self._train_bank()
-        fit_idx, out_idx = holdout_split(len(bank), float(self.info.get("holdout", 0.0)),
-                                         int(self.info.get("seed", 0)))
+        seed = int(self.info.get("seed", 0))
+        bank = fit_bank(self._train_bank(), self.info.get("shots"), seed)
+        fit_idx, out_idx = holdout_rows(bank.meta, float(self.info.get("holdout", 0.0)), seed)
         if len(out_idx) < 2:
             raise ScoresError(f"{self.folder}: the run held out no train images (--holdout "
                               f"{self.info.get('holdout')}); pass --pixel-threshold oracle or "

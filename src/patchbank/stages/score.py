@@ -121,9 +121,30 @@ def shot_rows(meta: pd.DataFrame, shots: int | None, seed: int
 
 
 def subset_bank(bank: Bank, rows: np.ndarray) -> Bank:
-    """The bank restricted to ``rows`` (taps read into memory; metadata re-indexed)."""
-    return Bank({k: np.asarray(v[rows]) for k, v in bank.taps.items()},
-                bank.meta.iloc[rows].reset_index(drop=True), bank.fingerprint)
+    """The bank restricted to the sorted ``rows`` (taps read into memory; metadata re-indexed,
+    ``augment_of`` pointing at the new rows)."""
+    meta = bank.meta.iloc[rows].reset_index(drop=True)
+    if "augment_of" in meta.columns:
+        meta["augment_of"] = np.searchsorted(rows, meta["augment_of"].to_numpy())
+    return Bank({k: np.asarray(v[rows]) for k, v in bank.taps.items()}, meta, bank.fingerprint)
+
+
+def fit_bank(train: Bank, shots: int | None, seed: int) -> Bank:
+    """The train bank a run fits on: all of it, or its few-shot subset (:func:`shot_rows`)."""
+    return train if shots is None else subset_bank(train, shot_rows(train.meta, shots, seed)[1])
+
+
+def holdout_rows(meta: pd.DataFrame, fraction: float, seed: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(rows fitted on, held-out rows) of a train bank for the unsupervised threshold: the
+    split (:func:`holdout_split`) draws among the original images; with ``--augment`` an
+    image's copies follow it into the fitted part and are left out when it is held out."""
+    if "augment_of" not in meta.columns:
+        return holdout_split(len(meta), fraction, seed)
+    originals = np.flatnonzero(meta["augment"].to_numpy() == 0)
+    fit, out = holdout_split(len(originals), fraction, seed)
+    return (np.flatnonzero(np.isin(meta["augment_of"].to_numpy(), originals[fit])),
+            originals[out])
 
 
 def check_finite(bank: Bank, banks_dir: Path, backbone: str, tag: str, category: str,
@@ -223,11 +244,10 @@ def score_category(
                             "; ".join(d[:120] for d in diff))
             elif damaged:
                 log.warning("%s: damaged (%s), recomputing", paths.folder, "; ".join(damaged))
-        chosen, rows = shot_rows(train.meta, shots, seed)
+        chosen, _ = shot_rows(train.meta, shots, seed)
         info["n_train_bank"] = len(train)
         info["train_indices"] = chosen.tolist() if shots is not None else None
-        if shots is not None:
-            train = subset_bank(train, rows)
+        train = fit_bank(train, shots, seed)
         _fit_score_write(scorer, method, backbone, category, name, tag, train, test, paths,
                          info, holdout, seed, device)
     return name, status
@@ -253,7 +273,7 @@ def _fit_score_write(scorer: Any, method: str, backbone: str, category: str, nam
     log.info("%s %s/%s: fit %.1f s, score %.1f s", method, backbone, category, fit_s, score_s)
 
     train_scores, holdout_s = None, None
-    fit_idx, out_idx = holdout_split(len(train), holdout, seed)
+    fit_idx, out_idx = holdout_rows(train.meta, holdout, seed)
     info["holdout_applied"] = bool(len(out_idx))
     if holdout > 0 and not len(out_idx):
         log.info("%s/%s: %d training images are too few for a %.0f %% hold-out (needs >= 2 "
