@@ -217,3 +217,27 @@ def test_top_sigma_selects_the_highest_std_channels() -> None:
     np.testing.assert_allclose(scores, np.sort(dist, axis=1)[:, :4].mean(axis=1), rtol=1e-5)
     with pytest.raises(ValueError, match="top_sigma"):
         make_scorer("knn", {"top_sigma": 5})  # patch level
+
+
+def test_ae_features_uses_every_tap_on_the_finest_grid() -> None:
+    # DFR's multi-scale grid: taps at strides 4, 8, 16 aligned onto the finest; the anomaly
+    # (rows 2-3, cols 4-5 of the 8x8 tap, the same region in the coarse taps) ranks first
+    rng = np.random.default_rng(0)
+    shapes = {1: (8, 8, 8), 2: (4, 4, 16), 3: (2, 2, 16)}
+    base = {k: rng.normal(size=s) for k, s in shapes.items()}
+
+    def sample(n: int) -> dict[int, np.ndarray]:
+        return {k: (b + 0.1 * rng.normal(size=(n, *b.shape))).astype(np.float16)
+                for k, b in base.items()}
+
+    train, test = sample(20), sample(8)
+    test[1][4:, 2:4, 4:6] += 8.0
+    test[2][4:, 1, 2] += 8.0
+    test[3][4:, 0, 1] += 8.0
+    s = make_scorer("ae_features", {"max_epochs": 20, "lr": 1e-2, "batch_size": 4},
+                    device="cpu").fit(train)
+    assert s.layers_ == (1, 2, 3) and s._arch_arr[0] == 8 + 16 + 16
+    scores, maps = s.score(test)
+    assert maps.shape == (8, 8, 8) and scores[4:].min() > scores[:4].max()
+    one = make_scorer("ae_features", {"layers": "3", **FAST}, device="cpu").fit(train)
+    assert one.layers_ == (3,) and one.score(test)[1].shape == (8, 2, 2)
