@@ -130,8 +130,10 @@ def test_graph_expands_and_dedupes(tmp_path: Path) -> None:
     graph = build_graph(cfg)
     assert len(graph.extracts) == 2  # once per (backbone, setting, category)
     # per backbone: knn k=1, k=3, padim = 3 parameter sets x (2 shots x 3 seeds + all once);
-    # knn {} resolves to k=1: dropped as a duplicate
-    assert len(graph.scores) == 2 * 3 * 7
+    # knn {} resolves to k=1: dropped as a duplicate; padim cannot fit 1 image: left out
+    assert len(graph.scores) == 2 * 3 * 7 - 2 * 3
+    assert graph.inapplicable == ["padim at 1 shot(s): needs at least 2 training images"]
+    assert not any(j.method == "padim" and j.shots == 1 for j in graph.scores)
     assert all(j.seed == 0 for j in graph.scores if j.shots is None)
     ids = {j.extract_id for j in graph.scores}
     assert ids == {e.id for e in graph.extracts}

@@ -84,7 +84,8 @@ def run_sweep(config: SweepConfig, executor: InProcessExecutor | RayExecutor | N
     wall = time.perf_counter() - t0
     record = {"config": config.to_json(), "executor": executor.name,
               "jobs": {"extract": len(graph.extracts), "score": len(graph.scores),
-                       "duplicates_dropped": graph.duplicates},
+                       "duplicates_dropped": graph.duplicates,
+                       "left_out": graph.inapplicable},
               "statuses": {k: dict(v) for k, v in statuses.items()}, "wall_s": round(wall, 2)}
     files["json"] = atomic_write_text(out_dir / f"{config.name}.json",
                                       json.dumps(record, indent=2) + "\n")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,8 @@ class SweepGraph:
     extracts: list[ExtractJob]
     scores: list[ScoreJob]
     duplicates: int = 0
+    #: method x shots combinations left out because the method cannot fit so few images.
+    inapplicable: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.extracts) + len(self.scores)
@@ -93,6 +95,7 @@ def build_graph(config: SweepConfig) -> SweepGraph:
     """Expand ``config`` into jobs (paths made absolute: every worker must see them)."""
     from patchbank.data.demo import ensure_demo_dataset
     from patchbank.data.mvtec import resolve_categories
+    from patchbank.scorers import SCORERS
 
     root = Path(config.data_root).resolve() if config.data_root else ensure_demo_dataset()
     root = Path(root).resolve()
@@ -102,6 +105,7 @@ def build_graph(config: SweepConfig) -> SweepGraph:
     jobs: list[ScoreJob] = []
     seen: set[str] = set()
     duplicates = 0
+    inapplicable: set[str] = set()
     methods = []
     for grid in config.methods:
         for combo in grid.combinations():
@@ -119,6 +123,11 @@ def build_graph(config: SweepConfig) -> SweepGraph:
                 extracts.append(ex)
                 for method, combo, resolved in methods:
                     for shots in config.shots:
+                        need = SCORERS[method].min_train
+                        if shots is not None and shots < need:
+                            inapplicable.add(f"{method} at {shots} shot(s): needs at least "
+                                             f"{need} training images")
+                            continue
                         for seed in config.seeds:
                             eff_seed = config.seeds[0] if shots is None else seed
                             key = (f"{ex.id}/{method}/{params_json(resolved)}/"
@@ -137,7 +146,9 @@ def build_graph(config: SweepConfig) -> SweepGraph:
     if duplicates:
         log.info("%d duplicate score jobs dropped (shots=all runs once, with seed %d; equal "
                  "resolved parameters run once)", duplicates, config.seeds[0])
-    return SweepGraph(config, extracts, jobs, duplicates)
+    for reason in sorted(inapplicable):
+        log.warning("left out: %s", reason)
+    return SweepGraph(config, extracts, jobs, duplicates, sorted(inapplicable))
 
 
 # --------------------------------------------------------------------------- running one job
