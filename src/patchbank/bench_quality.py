@@ -38,6 +38,7 @@ VARIANTS = (
     Variant("patchcore avgpool (anomalib)", "patchcore", {"aggregation": "avgpool"}),
     Variant("patchcore avgpool_valid (<=0.1)", "patchcore",
             {"aggregation": "avgpool_valid", "squared": "false", "n_reweight": "3"}),
+    Variant("patchcore partitions=8 (approximate coreset)", "patchcore", {"partitions": "8"}),
     Variant("padim taps 1,2,3", "padim"),
     Variant("padim taps 2,3", "padim", {"layers": "2,3"}),
     Variant("knn", "knn"),

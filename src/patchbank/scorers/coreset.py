@@ -354,7 +354,7 @@ def anchor_distances(points: np.ndarray, anchors: np.ndarray) -> np.ndarray:
 
 def coreset_indices(features: np.ndarray, n: int, proj_dim: int = 128, seed: int = 0,
                     device: str = "cpu", n_starts: int = 10, projection: str = "uniform",
-                    method: str = "auto") -> np.ndarray:
+                    method: str = "auto", partitions: int = 1) -> np.ndarray:
     """Greedy k-center coreset of ``n`` rows of ``features`` (M, D), selected on a seeded random
     projection to ``proj_dim`` (:func:`project`, skipped when D <= proj_dim).
 
@@ -362,17 +362,44 @@ def coreset_indices(features: np.ndarray, n: int, proj_dim: int = 128, seed: int
     seeded random anchor rows (not centres) give each row an initial distance, its mean
     distance to them; the greedy then starts at the row farthest from them on average.
     ``n_starts=0``: one seeded random row is the first centre (patchbank <= 0.2).
+
+    ``partitions`` > 1 is an approximate sampler (not the paper's): the rows are split into
+    that many seeded random parts and each part gets its own exact greedy with its share of the
+    ``n`` centres; the work falls roughly by the number of parts (the greedy is quadratic-ish).
     """
-    if n_starts < 0:
-        raise ValueError(f"n_starts must be >= 0, got {n_starts}")
+    if n_starts < 0 or partitions < 1:
+        raise ValueError(f"need n_starts >= 0 and partitions >= 1, got {n_starts}, "
+                         f"{partitions}")
     m = len(features)
     if n >= m:
         return np.arange(m)
     rng = np.random.default_rng(seed)
-    if n_starts == 0:
-        start, anchors = int(rng.integers(m)), None
-    else:
-        start, anchors = None, rng.choice(m, size=min(n_starts, m), replace=False)
+    if partitions == 1:
+        if n_starts == 0:
+            start, anchors = int(rng.integers(m)), None
+        else:
+            start, anchors = None, rng.choice(m, size=min(n_starts, m), replace=False)
+        z = project(features, proj_dim, projection, rng)
+        init = None if anchors is None else anchor_distances(z, anchors)
+        return greedy_kcenter(z, n, start, device=device, method=method, init=init)
+    order = rng.permutation(m)
     z = project(features, proj_dim, projection, rng)
-    init = None if anchors is None else anchor_distances(z, anchors)
-    return greedy_kcenter(z, n, start, device=device, method=method, init=init)
+    parts = [np.sort(p) for p in np.array_split(order, partitions)]
+    shares = np.floor(n * np.array([len(p) for p in parts]) / m).astype(int)
+    shares[: n - shares.sum()] += 1  # the remainder, one each to the first parts
+    picked = [p[_greedy_part(z[p], int(k), rng, n_starts, device, method)]
+              for p, k in zip(parts, shares, strict=True) if k > 0]
+    return np.sort(np.concatenate(picked))
+
+
+def _greedy_part(z: np.ndarray, n: int, rng: np.random.Generator, n_starts: int, device: str,
+                 method: str) -> np.ndarray:
+    """The exact greedy on projected rows ``z`` with the official initialisation."""
+    m = len(z)
+    if n >= m:
+        return np.arange(m)
+    if n_starts == 0:
+        return greedy_kcenter(z, n, int(rng.integers(m)), device=device, method=method)
+    anchors = rng.choice(m, size=min(n_starts, m), replace=False)
+    return greedy_kcenter(z, n, None, device=device, method=method,
+                          init=anchor_distances(z, anchors))

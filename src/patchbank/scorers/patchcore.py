@@ -132,6 +132,9 @@ class PatchCoreScorer(Scorer):
         #: random anchor rows giving the greedy its initial distances (official: 10); 0 = a
         #: random first centre.
         n_starts: int = 10
+        #: 1: the exact greedy (official); k > 1: an approximate sampler, the exact greedy on
+        #: k seeded random parts with their share of the centres each (about k times faster).
+        partitions: int = 1
         pretrain_dim: int = 1024
         target_dim: int = 1024
         aggregation: str = choice("official", AGGREGATIONS)
@@ -147,6 +150,7 @@ class PatchCoreScorer(Scorer):
                 self.require(getattr(self, key) >= 1, key, ">= 1")
             self.require(self.n_reweight >= 0, "n_reweight", ">= 0")
             self.require(self.n_starts >= 0, "n_starts", ">= 0")
+            self.require(self.partitions >= 1, "partitions", ">= 1")
 
     def _features(self, taps: list[np.ndarray]) -> np.ndarray:
         return aggregate(taps, self.p.target_dim, self.p.pretrain_dim,
@@ -157,7 +161,8 @@ class PatchCoreScorer(Scorer):
         n = max(1, int(self.p.coreset * len(feats)))
         log.info("patchcore: coreset of %d / %d patches (dim %d)", n, len(feats), feats.shape[1])
         idx = coreset_indices(feats, n, self.p.proj_dim, self.p.seed, self.device,
-                              n_starts=self.p.n_starts, projection=self.p.projection)
+                              n_starts=self.p.n_starts, projection=self.p.projection,
+                              partitions=self.p.partitions)
         self.coreset_idx_ = idx
         memory = feats[idx]
         del feats
