@@ -300,17 +300,19 @@ def synthetic_taps(n_train: int = 20, n_good: int = 6, n_bad: int = 6, seed: int
 def test_every_method_on_taps_at_their_own_resolutions(name: str) -> None:
     train, test, labels = synthetic_taps()
     scorer = make_scorer(name, device="cpu").fit(train)
-    want = (1, 2, 3) if name == "padim" else (2, 3)  # PaDiM: every tap; the others: coarse
+    # PaDiM: every tap; AnomalyDINO: the last one; the others: the coarse ones
+    want = {"padim": (1, 2, 3), "anomalydino": (3,)}.get(name, (2, 3))
     assert scorer.layers_ == want
     scores, maps = scorer.score(test)
     assert scores.shape == (len(labels),) and np.isfinite(scores).all()
     assert roc_auc_score(labels, scores) == 1.0
     if scorer.pixel_level:
-        side = 8 if name == "padim" else 4  # maps on the finest chosen tap's grid
+        side = {"padim": 8, "anomalydino": 2}.get(name, 4)  # the finest chosen tap's grid
         assert maps.shape == (len(labels), side, side) and maps.dtype == np.float32
         for m in maps[labels == 1]:
             peak = np.unravel_index(m.argmax(), m.shape)
-            region = ((2, 4), (4, 6)) if name == "padim" else ((1, 2), (2, 3))
+            region = {"padim": ((2, 4), (4, 6)), "anomalydino": ((0, 1), (1, 2))}.get(
+                name, ((1, 2), (2, 3)))
             tol = 1 if name == "patchcore" else 0  # 3x3 neighbourhoods spread the anomaly
             assert all(lo - tol <= p < hi + tol
                        for p, (lo, hi) in zip(peak, region, strict=True)), peak
@@ -357,7 +359,7 @@ def test_make_scorer_parses_strings_to_the_default_types() -> None:
     knn_s = make_scorer("knn", {"k": "3", "metric": "cosine", "topk_frac": "0.05",
                                 "reduce": "topk"})
     assert knn_s.params == {"layers": "auto", "level": "patch", "k": 3, "metric": "cosine",
-                            "reduce": "topk", "topk_frac": 0.05}
+                            "reduce": "topk", "topk_frac": 0.05, "top_sigma": 0}
     assert isinstance(knn_s.params["k"], int) and isinstance(knn_s.params["topk_frac"], float)
     assert make_scorer("padim", {"d": "none"}).params["d"] is None
     assert make_scorer("padim", {"d": "50", "eps": "1"}).params == {
