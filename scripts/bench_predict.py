@@ -22,6 +22,8 @@ p.add_argument("--n-images", type=int, default=64)
 p.add_argument("--batch-size", type=int, default=16)
 p.add_argument("--repeats", type=int, default=10)
 p.add_argument("--pixel-threshold", default=None, help="also time the mask (e.g. auto)")
+p.add_argument("--threshold", default="auto",
+               help="image threshold: auto (needs a hold-out), f1 or a number")
 p.add_argument("--device", default="auto")
 p.add_argument("--skip-throughput", action="store_true")
 args = p.parse_args()
@@ -35,7 +37,8 @@ if image is None:
     image = Path(scores[scores["label"] == 1]["path"].iloc[0])
 report = {"run": model.describe(), "image": str(image),
           "latency": latency(model, image, repeats=args.repeats,
-                             pixel_threshold=args.pixel_threshold)}
+                             pixel_threshold=args.pixel_threshold,
+                             threshold=args.threshold)}
 if not args.skip_throughput:
     report["throughput"] = throughput(model, args.data_root, args.category or model.category,
                                       args.n_images, args.batch_size,

@@ -27,13 +27,15 @@ def _best(times: Sequence[float]) -> dict[str, float]:
 
 
 def latency(model: RunModel, image: Path, repeats: int = 10, maps: bool = True,
-            pixel_threshold: str | float | None = None) -> dict[str, Any]:
+            pixel_threshold: str | float | None = None,
+            threshold: str | float = "auto") -> dict[str, Any]:
     """Seconds for one image, decode -> score -> heatmap (-> mask), as ``predict`` runs it
     (no worker process), best and median of ``repeats`` after one warm-up; and the same steps
     timed one by one (decode, resize, normalise + forward, scorer, heatmap)."""
     if pixel_threshold is not None and maps:
         model.pixel_threshold(pixel_threshold)  # computed once, not part of the latency
-    kwargs = {"maps": maps, "pixel_threshold": pixel_threshold, "num_workers": 0}
+    kwargs = {"maps": maps, "pixel_threshold": pixel_threshold, "num_workers": 0,
+              "threshold": threshold}
     predict(model, [image], **kwargs)
     total = []
     for _ in range(repeats):
