@@ -38,6 +38,18 @@ def bottle_subset(real_root: Path, dest: Path, n_train: int = 16,
     return dest
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny CPU tensors: one intra-op thread avoids OpenMP spin contention on a busy 2-core box
+    (use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TOY_TAG = "s32-l2.3-toy-00000000"
 
 

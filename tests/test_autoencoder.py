@@ -19,13 +19,7 @@ from patchbank.store.banks import load_bank
 FAST = {"max_epochs": 8, "lr": 1e-2, "batch_size": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny CPU tensors: one intra-op thread avoids OpenMP spin contention on a busy box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _banks(seed: int = 0, n_train: int = 40, side: int = 8, channels: int = 16):

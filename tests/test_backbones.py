@@ -42,13 +42,7 @@ IMAGENET_BOTTLES = {440: "beer bottle", 720: "pill bottle", 737: "pop bottle",
                     898: "water bottle", 901: "whiskey jug", 907: "wine bottle"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny CPU tensors: one intra-op thread avoids OpenMP spin contention on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _images(size: int, n: int = 2, seed: int = 0) -> torch.Tensor:
