@@ -374,32 +374,35 @@ def coreset_indices(features: np.ndarray, n: int, proj_dim: int = 128, seed: int
     if n >= m:
         return np.arange(m)
     rng = np.random.default_rng(seed)
-    if partitions == 1:
-        if n_starts == 0:
-            start, anchors = int(rng.integers(m)), None
-        else:
-            start, anchors = None, rng.choice(m, size=min(n_starts, m), replace=False)
+    if partitions == 1:  # draws in the order of patchbank <= 0.2: start/anchors, projection
+        start, anchors = _draw_start(m, n_starts, rng)
         z = project(features, proj_dim, projection, rng)
-        init = None if anchors is None else anchor_distances(z, anchors)
-        return greedy_kcenter(z, n, start, device=device, method=method, init=init)
+        return _greedy_from(z, n, start, anchors, device, method)
     order = rng.permutation(m)
     z = project(features, proj_dim, projection, rng)
     parts = [np.sort(p) for p in np.array_split(order, partitions)]
     shares = np.floor(n * np.array([len(p) for p in parts]) / m).astype(int)
     shares[: n - shares.sum()] += 1  # the remainder, one each to the first parts
-    picked = [p[_greedy_part(z[p], int(k), rng, n_starts, device, method)]
-              for p, k in zip(parts, shares, strict=True) if k > 0]
+    picked = []
+    for p, k in zip(parts, shares, strict=True):
+        if k >= len(p):
+            picked.append(p)
+        elif k > 0:
+            start, anchors = _draw_start(len(p), n_starts, rng)
+            picked.append(p[_greedy_from(z[p], int(k), start, anchors, device, method)])
     return np.sort(np.concatenate(picked))
 
 
-def _greedy_part(z: np.ndarray, n: int, rng: np.random.Generator, n_starts: int, device: str,
-                 method: str) -> np.ndarray:
-    """The exact greedy on projected rows ``z`` with the official initialisation."""
-    m = len(z)
-    if n >= m:
-        return np.arange(m)
+def _draw_start(m: int, n_starts: int, rng: np.random.Generator
+                ) -> tuple[int | None, np.ndarray | None]:
+    """The official initialisation's random draw: ``n_starts`` anchor rows, or (0) a start."""
     if n_starts == 0:
-        return greedy_kcenter(z, n, int(rng.integers(m)), device=device, method=method)
-    anchors = rng.choice(m, size=min(n_starts, m), replace=False)
-    return greedy_kcenter(z, n, None, device=device, method=method,
-                          init=anchor_distances(z, anchors))
+        return int(rng.integers(m)), None
+    return None, rng.choice(m, size=min(n_starts, m), replace=False)
+
+
+def _greedy_from(z: np.ndarray, n: int, start: int | None, anchors: np.ndarray | None,
+                 device: str, method: str) -> np.ndarray:
+    """The exact greedy on projected rows ``z`` from a start row or anchor distances."""
+    init = None if anchors is None else anchor_distances(z, anchors)
+    return greedy_kcenter(z, n, start, device=device, method=method, init=init)

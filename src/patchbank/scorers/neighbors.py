@@ -142,8 +142,8 @@ class PrunedIndex:
         self.base = base
         self.dim = int(base.shape[1])
         self._flat: FlatIndex | None = None
-        self.mean = base.mean(axis=0, dtype=np.float64)
-        centred = base - self.mean.astype(np.float32)
+        self.mean = base.mean(axis=0, dtype=np.float64).astype(np.float32)
+        centred = base - self.mean
         sample = centred[:: max(1, len(centred) // 4096)]  # any orthonormal basis is valid
         _, vec = np.linalg.eigh((sample.T @ sample).astype(np.float64))
         self.proj = np.ascontiguousarray(vec[:, ::-1][:, :min(dims, base.shape[1])],
@@ -175,7 +175,7 @@ class PrunedIndex:
         idx = np.empty((len(q), 1), dtype=np.int64)
         for lo, hi in batches(len(q), min(chunk, 1024)):  # a (chunk, entries) bound matrix
             part = as_float32(q[lo:hi])
-            low = self._contract(part - self.mean.astype(np.float32))
+            low = self._contract(part - self.mean)
             bound = self.low_sq[None] - 2.0 * (low @ self.low.T)
             bound += np.einsum("ij,ij->i", low, low)[:, None]
             first = bound.argmin(axis=1)
