@@ -42,5 +42,6 @@ report = {"run": model.describe(), "image": str(image),
 if not args.skip_throughput:
     report["throughput"] = throughput(model, args.data_root, args.category or model.category,
                                       args.n_images, args.batch_size,
-                                      repeats=max(1, args.repeats // 3))
+                                      repeats=max(1, args.repeats // 3),
+                                      threshold=args.threshold)
 print(json.dumps(report, indent=1))

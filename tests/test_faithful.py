@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from scipy.spatial.distance import cdist
 
 from patchbank.core.errors import BankError
-from patchbank.scorers import make_scorer
+from patchbank.scorers import load_scorer, make_scorer
 from patchbank.scorers import patchcore as patchcore_module
 from patchbank.scorers.base import align_taps
 from patchbank.scorers.padim import PaDiMScorer
@@ -235,6 +235,59 @@ def test_patchcore_map_and_image_score_on_a_grid_match_brute_force() -> None:
                  "sqeuclidean").min(axis=1).reshape(3, 6, 6)
     np.testing.assert_allclose(maps, want, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(scores, maps.reshape(3, -1).max(axis=1), rtol=1e-6)  # max
+
+
+def test_patchcore_ivf_search_is_a_saved_named_approximation(tmp_path) -> None:
+    shapes = [(6, 6, 3), (3, 3, 4)]
+    train, test = random_taps(shapes, n=6, seed=3), random_taps(shapes, n=3, seed=4)
+    kw = {"device": "cpu", "coreset": 1.0, "pretrain_dim": 20, "target_dim": 16}
+    exact = PatchCoreScorer(**kw).fit(train)
+    assert "ivf_centroids" not in exact._state()  # the default is the official exact search
+    e_scores, e_maps = exact.score(test)
+    ivf = PatchCoreScorer(**kw, search="ivf", nprobe=1).fit(train)
+    cells = ivf._state()["ivf_centroids"]
+    assert cells.shape == (round(math.sqrt(6 * 36)), 16)  # nlist=0: sqrt(memory bank)
+    scores, maps = ivf.score(test)
+    # missed neighbours only raise the map; each image's maximum is re-searched exactly
+    assert (maps >= e_maps * (1 - 1e-5)).all() and (maps > e_maps * (1 + 1e-5)).any()
+    np.testing.assert_allclose(scores, e_scores, rtol=1e-5)
+    np.testing.assert_allclose(scores, maps.reshape(3, -1).max(axis=1), rtol=1e-6)
+    everywhere = PatchCoreScorer(**kw, search="ivf", nprobe=len(cells)).fit(train)
+    np.testing.assert_allclose(everywhere.score(test)[1], e_maps, rtol=1e-5)
+    ivf.save(tmp_path / "model.npz")
+    back = load_scorer(tmp_path / "model.npz", device="cpu")
+    np.testing.assert_array_equal(back._state()["ivf_centroids"], cells)
+    np.testing.assert_array_equal(back.score(test)[1], maps)
+    state = {k: v for k, v in ivf._state().items() if k != "ivf_centroids"}
+    with pytest.raises(ValueError, match="ivf_centroids"):
+        PatchCoreScorer(**kw, search="ivf")._set_state(state)
+    with pytest.raises(ValueError, match="nprobe"):
+        PatchCoreScorer(nprobe=0)
+
+
+def test_exact_maxima_searches_until_no_bound_can_beat_the_exact_maximum() -> None:
+    true = np.array([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0],
+                     [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    approx = true.copy()
+    approx[0, :2] = [50.0, 40.0]  # two missed neighbours: bounds far above the true maximum
+    approx[0, 2:6] += 0.5  # four slightly loose bounds, still below the true maximum
+    calls = []
+
+    class Exact:  # searches return the true distance of the queried patch (its id as feature)
+        def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            calls.append(len(q))
+            ids = q[:, 0].astype(int)
+            return true.ravel()[ids][:, None], ids[:, None]
+
+    feats = np.arange(20, dtype=np.float64)[:, None]
+    dist, nn = approx.copy(), np.zeros((2, 10), dtype=np.int64)
+    patchcore_module._exact_maxima(Exact(), feats, dist, nn, first=2)
+    assert dist.max(axis=1).tolist() == [10.0, 1.0]  # the true maxima
+    assert calls == [4, 4]  # image 0 needs a second round (2 then 4 patches); image 1 does not
+    checked = [0, 1, 6, 7, 8, 9]  # the two loose ones first, then the four largest bounds
+    np.testing.assert_array_equal(dist[0, checked], true[0, checked])
+    np.testing.assert_array_equal(dist[0, 2:6], approx[0, 2:6])  # the rest keep their bounds
+    np.testing.assert_array_equal(nn[0, checked], checked)
 
 
 @pytest.mark.parametrize("fraction, size", [(0.3, 43), (0.5, 72), (0.999, 143), (1.0, 144)])

@@ -1,11 +1,12 @@
-"""Exact nearest-neighbour search: the pruned index returns the flat index's neighbours."""
+"""Nearest-neighbour search: the pruned index returns the flat index's neighbours; the IVF index
+is exact when it probes every cell and otherwise never returns a distance below the true one."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from patchbank.scorers.neighbors import FlatIndex, PrunedIndex
+from patchbank.scorers.neighbors import FlatIndex, IVFIndex, PrunedIndex, kmeans_centroids
 
 
 @pytest.mark.parametrize("dims", [4, 32])
@@ -38,3 +39,39 @@ def test_contraction_bounds_every_distance() -> None:
     true = ((q[:, None] - base[None]) ** 2).sum(axis=2)
     assert (bound <= true * (1 + 1e-5) + 1e-4).all()
     assert np.median(bound / true) > 0.1
+
+
+def clustered(seed: int, n: int = 3000, dim: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 5, (30, dim))
+    base = (centres[rng.integers(0, 30, n)] + rng.normal(0, 1, (n, dim))).astype(np.float32)
+    queries = (centres[rng.integers(0, 30, 400)] + rng.normal(0, 1.5, (400, dim)))
+    return base, queries.astype(np.float32)
+
+
+def test_ivf_index_is_exact_when_every_cell_is_probed_and_an_upper_bound_otherwise() -> None:
+    base, queries = clustered(2)
+    cells = kmeans_centroids(base, 40, seed=0)
+    assert cells.shape == (40, 64)
+    np.testing.assert_array_equal(cells, kmeans_centroids(base, 40, seed=0))  # seeded
+    flat_d, flat_i = FlatIndex(base).search(queries, 1)
+    d, i = IVFIndex(base, cells, nprobe=40).search(queries, 1)
+    np.testing.assert_allclose(d, flat_d, rtol=1e-5)
+    assert (i == flat_i).mean() > 0.99
+    d1, i1 = IVFIndex(base, cells, nprobe=1).search(queries, 1, chunk=64)
+    assert (d1 >= flat_d * (1 - 1e-5)).all()  # a missed neighbour only makes it larger
+    recall = (i1 == flat_i).mean()
+    assert 0.5 < recall < 1.0  # clusters split across cells: some neighbours are missed
+    np.testing.assert_allclose(d1[i1 == flat_i], flat_d[i1 == flat_i], rtol=1e-5)
+
+
+def test_ivf_index_drops_empty_cells_so_every_query_gets_a_neighbour() -> None:
+    base, queries = clustered(3, n=500)
+    cells = np.concatenate([kmeans_centroids(base, 8), np.full((1, 64), 1e4, np.float32)])
+    far = np.full((1, 64), 9e3, np.float32)  # nearest to the empty cell's centroid
+    index = IVFIndex(base, cells, nprobe=1)
+    assert index.index.nlist == 8
+    d, i = index.search(np.concatenate([queries, far]), 1)
+    assert (i >= 0).all() and np.isfinite(d).all()
+    with pytest.raises(ValueError, match="dimension"):
+        IVFIndex(base, cells[:, :10])

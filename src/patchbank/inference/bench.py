@@ -74,7 +74,8 @@ class _NullScorer:
 
 
 def throughput(model: RunModel, data_root: Path, category: str, n_images: int = 64,
-               batch_size: int = 16, repeats: int = 3) -> dict[str, Any]:
+               batch_size: int = 16, repeats: int = 3,
+               threshold: str | float = "auto") -> dict[str, Any]:
     """Images/s over the first ``n_images`` train images of ``category``: the extract stage
     (cold: decoding the files in its DataLoader workers, no image cache, writing a bank to a
     temporary folder) with the run's extraction settings, ``predict`` (scores, decode in
@@ -97,7 +98,8 @@ def throughput(model: RunModel, data_root: Path, category: str, n_images: int = 
     bank_fp = fingerprint(extractor.spec, extractor.info, extractor.preprocess, samples,
                           data_root, category, "train")
     times: dict[str, list[float]] = {"extract": [], "predict": [], "features": []}
-    predict(model, paths[:batch_size], batch_size=batch_size)  # warm-up
+    kwargs = {"batch_size": batch_size, "threshold": threshold}
+    predict(model, paths[:batch_size], **kwargs)  # warm-up
     scorer = model.scorer
     with tempfile.TemporaryDirectory(prefix="patchbank-bench-") as tmp:
         for r in range(repeats):
@@ -107,12 +109,12 @@ def throughput(model: RunModel, data_root: Path, category: str, n_images: int = 
             extractor._extract(samples, bank, bank_fp, f"{category}/train")
             times["extract"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            predict(model, paths, batch_size=batch_size)
+            predict(model, paths, **kwargs)
             times["predict"].append(time.perf_counter() - t0)
             try:
                 model.scorer = _NullScorer(scorer)  # type: ignore[assignment]
                 t0 = time.perf_counter()
-                predict(model, paths, batch_size=batch_size)
+                predict(model, paths, **kwargs)
                 times["features"].append(time.perf_counter() - t0)
             finally:
                 model.scorer = scorer

@@ -53,6 +53,15 @@ def _gpu_resources() -> Any:
     return _GPU_RESOURCES
 
 
+def _on_device(index: Any, device: str) -> Any:
+    """``index`` cloned to the GPU ``device`` names when faiss-gpu sees one, else itself."""
+    dev = resolve_device(device)
+    if dev.startswith("cuda") and faiss_gpu_available():
+        gpu_id = int(dev.split(":")[1]) if ":" in dev else 0
+        return _faiss().index_cpu_to_gpu(_gpu_resources(), gpu_id, index)
+    return index
+
+
 def _normalized(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x)
     x = np.array(x.reshape(-1, x.shape[-1]), dtype=np.float32, order="C", copy=True)
@@ -75,13 +84,8 @@ class FlatIndex:
         cpu_index = faiss.IndexFlatIP(self.dim) if metric == "cosine" else faiss.IndexFlatL2(
             self.dim)
         cpu_index.add(base)
-        self.on_gpu = False
-        self.index: Any = cpu_index
-        dev = resolve_device(device)
-        if dev.startswith("cuda") and faiss_gpu_available():
-            gpu_id = int(dev.split(":")[1]) if ":" in dev else 0
-            self.index = faiss.index_cpu_to_gpu(_gpu_resources(), gpu_id, cpu_index)
-            self.on_gpu = True
+        self.index: Any = _on_device(cpu_index, device)
+        self.on_gpu = self.index is not cpu_index
         log.debug("flat %s index: %d x %d%s", metric, len(base), self.dim,
                   " on GPU" if self.on_gpu else "")
 
@@ -188,4 +192,69 @@ class PrunedIndex:
                 j = int(d.argmin())
                 dist[lo + i, 0], idx[lo + i, 0] = d[j], cols[j]
         np.sqrt(np.maximum(dist, 0.0, out=dist), out=dist)
+        return dist, idx
+
+
+def kmeans_centroids(vectors: np.ndarray, n: int, seed: int = 0, iters: int = 20) -> np.ndarray:
+    """(n, D) float32 k-means centroids of ``vectors`` (Faiss, seeded)."""
+    base = as_float32(vectors)
+    n = max(1, min(int(n), len(base)))
+    km = _faiss().Kmeans(base.shape[1], n, niter=iters, seed=int(seed), verbose=False,
+                         max_points_per_centroid=256)
+    km.train(base)
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+class IVFIndex:
+    """Approximate L2 k-NN: an inverted file over given k-means ``centroids`` (Faiss
+    ``IndexIVFFlat``); a query gets exact distances to the entries of its ``nprobe`` nearest
+    cells only, so a neighbour outside them is missed and its distance comes out larger.
+    The centroids are part of the fitted state, so a reloaded model searches the same cells."""
+
+    def __init__(self, vectors: np.ndarray, centroids: np.ndarray, nprobe: int = 1,
+                 device: str = "auto") -> None:
+        base = as_float32(vectors)
+        cells = as_float32(centroids)
+        if len(base) == 0 or len(cells) == 0:
+            raise ValueError("cannot build an IVF index over zero vectors or zero cells")
+        if cells.shape[1] != base.shape[1]:
+            raise ValueError(f"centroid dimension {cells.shape[1]} != vector dimension "
+                             f"{base.shape[1]}")
+        self.dim = int(base.shape[1])
+        index = self._build(base, cells)
+        sizes = np.array([index.invlists.list_size(i) for i in range(len(cells))])
+        if not sizes.all():  # a cell nobody falls in would leave its queries no neighbour
+            index = self._build(base, cells[sizes > 0])
+        index.nprobe = max(1, min(int(nprobe), index.nlist))
+        self.index: Any = _on_device(index, device)
+        log.debug("IVF index: %d x %d in %d cells, nprobe %d", len(base), self.dim,
+                  index.nlist, index.nprobe)
+
+    def _build(self, base: np.ndarray, cells: np.ndarray) -> Any:
+        faiss = _faiss()
+        self._quantizer = faiss.IndexFlatL2(self.dim)  # the IVF index only borrows it
+        self._quantizer.add(cells)
+        index = faiss.IndexIVFFlat(self._quantizer, self.dim, len(cells), faiss.METRIC_L2)
+        index.is_trained = True
+        index.add(base)
+        return index
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int = 1, chunk: int = DEFAULT_CHUNK,
+               desc: str = "k-NN search") -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`FlatIndex.search` (L2 distances); a query whose cells hold fewer than
+        ``k`` entries gets index -1 and distance inf for the missing ones."""
+        q = np.asarray(queries)
+        if q.shape[-1] != self.dim:
+            raise ValueError(f"query dimension {q.shape[-1]} != index dimension {self.dim}")
+        q = q.reshape(-1, self.dim)
+        dist = np.empty((len(q), k), dtype=np.float32)
+        idx = np.empty((len(q), k), dtype=np.int64)
+        for lo, hi in batches(len(q), chunk):
+            d, i = self.index.search(as_float32(q[lo:hi]), k)
+            d[i < 0] = np.inf
+            np.sqrt(np.maximum(d, 0.0, out=d), out=d)
+            dist[lo:hi], idx[lo:hi] = d, i
         return dist, idx
