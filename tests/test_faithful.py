@@ -237,30 +237,35 @@ def test_patchcore_map_and_image_score_on_a_grid_match_brute_force() -> None:
     np.testing.assert_allclose(scores, maps.reshape(3, -1).max(axis=1), rtol=1e-6)  # max
 
 
-def test_patchcore_ivf_search_is_a_saved_named_approximation(tmp_path) -> None:
+@pytest.mark.parametrize("ivf_dims", [0, 4])  # cells in the full 16 dims; in a 4-d projection
+def test_patchcore_ivf_search_is_a_saved_named_approximation(tmp_path, ivf_dims: int) -> None:
     shapes = [(6, 6, 3), (3, 3, 4)]
     train, test = random_taps(shapes, n=6, seed=3), random_taps(shapes, n=3, seed=4)
     kw = {"device": "cpu", "coreset": 1.0, "pretrain_dim": 20, "target_dim": 16}
     exact = PatchCoreScorer(**kw).fit(train)
     assert "ivf_centroids" not in exact._state()  # the default is the official exact search
     e_scores, e_maps = exact.score(test)
-    ivf = PatchCoreScorer(**kw, search="ivf", nprobe=1).fit(train)
-    cells = ivf._state()["ivf_centroids"]
-    assert cells.shape == (round(math.sqrt(6 * 36)), 16)  # nlist=0: sqrt(memory bank)
+    ivf = PatchCoreScorer(**kw, search="ivf", nprobe=1, ivf_dims=ivf_dims).fit(train)
+    state = ivf._state()
+    assert state["ivf_centroids"].shape == (round(math.sqrt(6 * 36)), ivf_dims or 16)
+    assert ("ivf_proj" in state) == ("ivf_mean" in state) == (ivf_dims > 0)
     scores, maps = ivf.score(test)
     # missed neighbours only raise the map; each image's maximum is re-searched exactly
     assert (maps >= e_maps * (1 - 1e-5)).all() and (maps > e_maps * (1 + 1e-5)).any()
     np.testing.assert_allclose(scores, e_scores, rtol=1e-5)
     np.testing.assert_allclose(scores, maps.reshape(3, -1).max(axis=1), rtol=1e-6)
-    everywhere = PatchCoreScorer(**kw, search="ivf", nprobe=len(cells)).fit(train)
-    np.testing.assert_allclose(everywhere.score(test)[1], e_maps, rtol=1e-5)
+    if ivf_dims == 0:  # probing every cell is the exact search
+        everywhere = PatchCoreScorer(**kw, search="ivf", nprobe=len(state["ivf_centroids"]),
+                                     ivf_dims=0).fit(train)
+        np.testing.assert_allclose(everywhere.score(test)[1], e_maps, rtol=1e-5)
     ivf.save(tmp_path / "model.npz")
     back = load_scorer(tmp_path / "model.npz", device="cpu")
-    np.testing.assert_array_equal(back._state()["ivf_centroids"], cells)
+    for key, value in state.items():
+        np.testing.assert_array_equal(back._state()[key], value)
     np.testing.assert_array_equal(back.score(test)[1], maps)
-    state = {k: v for k, v in ivf._state().items() if k != "ivf_centroids"}
+    broken = {k: v for k, v in state.items() if k != "ivf_centroids"}
     with pytest.raises(ValueError, match="ivf_centroids"):
-        PatchCoreScorer(**kw, search="ivf")._set_state(state)
+        PatchCoreScorer(**kw, search="ivf")._set_state(broken)
     with pytest.raises(ValueError, match="nprobe"):
         PatchCoreScorer(nprobe=0)
 

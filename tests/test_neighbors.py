@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from patchbank.scorers.neighbors import FlatIndex, IVFIndex, PrunedIndex, kmeans_centroids
+from patchbank.scorers.neighbors import (
+    FlatIndex,
+    IVFIndex,
+    PrunedIndex,
+    kmeans_centroids,
+    pca_basis,
+)
 
 
 @pytest.mark.parametrize("dims", [4, 32])
@@ -75,3 +81,24 @@ def test_ivf_index_drops_empty_cells_so_every_query_gets_a_neighbour() -> None:
     assert (i >= 0).all() and np.isfinite(d).all()
     with pytest.raises(ValueError, match="dimension"):
         IVFIndex(base, cells[:, :10])
+
+
+def test_projected_ivf_returns_exact_distances_to_reranked_candidates() -> None:
+    base, queries = clustered(4)
+    mean, proj = pca_basis(base, 8)
+    assert proj.shape == (64, 8) and np.allclose(proj.T @ proj, np.eye(8), atol=1e-5)
+    low = (base - mean) @ proj
+    cells = kmeans_centroids(low, 20)
+    index = IVFIndex(base, cells, nprobe=2, proj=proj, mean=mean, rerank=6)
+    d, i = index.search(queries, 2)
+    np.testing.assert_allclose(d, np.linalg.norm(base[i] - queries[:, None], axis=2), rtol=1e-5)
+    assert (d[:, 0] <= d[:, 1]).all()
+    flat_d, flat_i = FlatIndex(base).search(queries, 1)
+    assert (d[:, 0] >= flat_d[:, 0] * (1 - 1e-5)).all()  # never below the true nearest
+    # the whole space as the projection, every cell probed: the exact search
+    mean, proj = pca_basis(base, 64)
+    full = IVFIndex(base, kmeans_centroids((base - mean) @ proj, 20), nprobe=20, proj=proj,
+                    mean=mean, rerank=1)
+    np.testing.assert_allclose(full.search(queries, 1)[0], flat_d, rtol=1e-4)
+    with pytest.raises(ValueError, match="dimension"):
+        IVFIndex(base, cells, proj=proj, mean=mean)  # 8-d centroids, a 64-d projection

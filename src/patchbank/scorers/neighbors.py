@@ -126,6 +126,17 @@ def knn(database: np.ndarray, queries: np.ndarray, k: int = 1, metric: str = "l2
     return FlatIndex(database, metric, device).search(queries, k, chunk)
 
 
+def pca_basis(vectors: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (D,), projection (D, dims)) float32: the mean and top principal directions of
+    ``vectors``, estimated on at most ~4096 evenly spaced rows."""
+    base = as_float32(vectors)
+    mean = base.mean(axis=0, dtype=np.float64).astype(np.float32)
+    sample = base[:: max(1, len(base) // 4096)] - mean
+    _, vec = np.linalg.eigh((sample.T @ sample).astype(np.float64))
+    return mean, np.ascontiguousarray(vec[:, ::-1][:, :min(dims, base.shape[1])],
+                                      dtype=np.float32)
+
+
 class PrunedIndex:
     """Exact L2 nearest neighbour (k = 1) with lower bounds from a PCA contraction (CPU).
 
@@ -146,13 +157,8 @@ class PrunedIndex:
         self.base = base
         self.dim = int(base.shape[1])
         self._flat: FlatIndex | None = None
-        self.mean = base.mean(axis=0, dtype=np.float64).astype(np.float32)
-        centred = base - self.mean
-        sample = centred[:: max(1, len(centred) // 4096)]  # any orthonormal basis is valid
-        _, vec = np.linalg.eigh((sample.T @ sample).astype(np.float64))
-        self.proj = np.ascontiguousarray(vec[:, ::-1][:, :min(dims, base.shape[1])],
-                                         dtype=np.float32)
-        self.low = self._contract(centred)
+        self.mean, self.proj = pca_basis(base, dims)
+        self.low = self._contract(base - self.mean)
         self.low_sq = np.einsum("ij,ij->i", self.low, self.low)
         #: margin of the bound test: float32 rounding of |a|^2 + |b|^2 - 2 a.b is far below it.
         self.slack = 1e-4 * float(self.low_sq.max())
@@ -207,36 +213,49 @@ def kmeans_centroids(vectors: np.ndarray, n: int, seed: int = 0, iters: int = 20
 
 class IVFIndex:
     """Approximate L2 k-NN: an inverted file over given k-means ``centroids`` (Faiss
-    ``IndexIVFFlat``); a query gets exact distances to the entries of its ``nprobe`` nearest
-    cells only, so a neighbour outside them is missed and its distance comes out larger.
-    The centroids are part of the fitted state, so a reloaded model searches the same cells."""
+    ``IndexIVFFlat``); a query is compared with the entries of its ``nprobe`` nearest cells
+    only, so a neighbour outside them is missed and its distance comes out larger.
+
+    With ``proj`` (D, d) and ``mean``, cells and search live in that d-dimensional projection
+    (``centroids`` are in it too) and the ``rerank`` best candidates there get their exact
+    D-dimensional distance. Returned distances are always exact distances to the entries
+    returned. The centroids and projection are part of a fitted state, so a reloaded model
+    searches the same cells."""
 
     def __init__(self, vectors: np.ndarray, centroids: np.ndarray, nprobe: int = 1,
-                 device: str = "auto") -> None:
+                 device: str = "auto", proj: np.ndarray | None = None,
+                 mean: np.ndarray | None = None, rerank: int = 4) -> None:
         base = as_float32(vectors)
         cells = as_float32(centroids)
         if len(base) == 0 or len(cells) == 0:
             raise ValueError("cannot build an IVF index over zero vectors or zero cells")
-        if cells.shape[1] != base.shape[1]:
-            raise ValueError(f"centroid dimension {cells.shape[1]} != vector dimension "
-                             f"{base.shape[1]}")
-        self.dim = int(base.shape[1])
-        index = self._build(base, cells)
+        self.base, self.dim = base, int(base.shape[1])
+        self.proj = None if proj is None else as_float32(proj)
+        self.mean = np.zeros(self.dim, np.float32) if mean is None else as_float32(mean)[0]
+        self.rerank = max(1, int(rerank))
+        low = base if self.proj is None else self._project(base)
+        if cells.shape[1] != low.shape[1]:
+            raise ValueError(f"centroid dimension {cells.shape[1]} != search dimension "
+                             f"{low.shape[1]}")
+        index = self._build(low, cells)
         sizes = np.array([index.invlists.list_size(i) for i in range(len(cells))])
         if not sizes.all():  # a cell nobody falls in would leave its queries no neighbour
-            index = self._build(base, cells[sizes > 0])
+            index = self._build(low, cells[sizes > 0])
         index.nprobe = max(1, min(int(nprobe), index.nlist))
         self.index: Any = _on_device(index, device)
-        log.debug("IVF index: %d x %d in %d cells, nprobe %d", len(base), self.dim,
+        log.debug("IVF index: %d x %d in %d cells, nprobe %d", len(base), low.shape[1],
                   index.nlist, index.nprobe)
 
-    def _build(self, base: np.ndarray, cells: np.ndarray) -> Any:
+    def _project(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray((x - self.mean) @ self.proj)
+
+    def _build(self, low: np.ndarray, cells: np.ndarray) -> Any:
         faiss = _faiss()
-        self._quantizer = faiss.IndexFlatL2(self.dim)  # the IVF index only borrows it
+        self._quantizer = faiss.IndexFlatL2(low.shape[1])  # the IVF index only borrows it
         self._quantizer.add(cells)
-        index = faiss.IndexIVFFlat(self._quantizer, self.dim, len(cells), faiss.METRIC_L2)
+        index = faiss.IndexIVFFlat(self._quantizer, low.shape[1], len(cells), faiss.METRIC_L2)
         index.is_trained = True
-        index.add(base)
+        index.add(low)
         return index
 
     def __len__(self) -> int:
@@ -253,8 +272,26 @@ class IVFIndex:
         dist = np.empty((len(q), k), dtype=np.float32)
         idx = np.empty((len(q), k), dtype=np.int64)
         for lo, hi in batches(len(q), chunk):
-            d, i = self.index.search(as_float32(q[lo:hi]), k)
+            part = as_float32(q[lo:hi])
+            if self.proj is None:
+                d, i = self.index.search(part, k)
+            else:
+                d, i = self._reranked(part, k)
             d[i < 0] = np.inf
             np.sqrt(np.maximum(d, 0.0, out=d), out=d)
             dist[lo:hi], idx[lo:hi] = d, i
         return dist, idx
+
+    def _reranked(self, part: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Squared exact distances of the best ``max(k, rerank)`` candidates of the projected
+        search, the ``k`` smallest first."""
+        _, cand = self.index.search(self._project(part), max(k, self.rerank))
+        faiss = _faiss()
+        d = np.empty(cand.shape, dtype=np.float32)
+        ids = np.ascontiguousarray(np.maximum(cand, 0), dtype=np.int64)
+        faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(d), faiss.swig_ptr(part),
+                                faiss.swig_ptr(self.base), faiss.swig_ptr(ids), self.dim,
+                                len(part), cand.shape[1])  # no gathered copy of the rows
+        d[cand < 0] = np.inf
+        order = np.argsort(d, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(d, order, 1), np.take_along_axis(cand, order, 1)

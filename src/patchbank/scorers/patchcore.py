@@ -17,8 +17,10 @@ Default steps (``aggregation="official"``), checked against the official code:
    official scorer reports it; ``squared=false`` for plain distances) and the image score is
    the map's maximum. The official code does not re-weight; the paper's eq. 7 re-weighting is
    ``n_reweight=b`` (b >= 2; computed on plain distances, as the paper defines it).
-   ``search="ivf"`` is a named approximation for CPU throughput: only the ``nprobe`` nearest of
-   ``nlist`` k-means cells of the memory bank are searched (the cells are saved with the model).
+   ``search="ivf"`` is a named approximation for CPU throughput: candidates come from the
+   ``nprobe`` nearest of ``nlist`` k-means cells in a PCA projection of the memory bank, the
+   best few measured exactly (cells and projection are saved with the model); each image's
+   maximum is then re-searched exactly until certified, so image scores stay exact.
 
 Steps 2 and 3 are linear maps on different axes, so pooling each tap at its own resolution and
 then interpolating gives the official result (to float rounding, tested) for less work.
@@ -43,7 +45,13 @@ from tqdm.auto import tqdm
 
 from patchbank.scorers.base import Params, Scorer, align_taps, batches, choice
 from patchbank.scorers.coreset import PROJECTIONS, coreset_indices
-from patchbank.scorers.neighbors import FlatIndex, IVFIndex, PrunedIndex, kmeans_centroids
+from patchbank.scorers.neighbors import (
+    FlatIndex,
+    IVFIndex,
+    PrunedIndex,
+    kmeans_centroids,
+    pca_basis,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +108,9 @@ def _official(taps: Sequence[torch.Tensor], pretrain_dim: int, target_dim: int,
         out.zero_()
     for x, (rows, idx, weight), (lo, hi) in zip(taps, terms, ranges, strict=True):
         u = F.unfold(x, kernel_size=3, padding=1)  # (B, C*9, h_i*w_i)
-        y = u[:, idx[0]] * weight[0][:, None]
+        y = torch.index_select(u, 1, idx[0]).mul_(weight[0][:, None])
         for i, wk in zip(idx[1:], weight[1:], strict=True):
-            y.addcmul_(u[:, i], wk[:, None])
+            y.addcmul_(torch.index_select(u, 1, i), wk[:, None])
         y = y.reshape(b, len(rows), *x.shape[-2:])
         if y.shape[-2:] != (h, w):  # channels-last makes CPU bilinear ~15x faster
             y = F.interpolate(y.contiguous(memory_format=torch.channels_last), size=(h, w),
@@ -220,12 +228,16 @@ class PatchCoreScorer(Scorer):
         #: b of the paper's eq. 7 re-weighting; 0 = off (the official code's default).
         n_reweight: int = 0
         #: "exact" 1-NN (official; on the CPU a pruned search with the same neighbours) or
-        #: "ivf": approximate, the ``nprobe`` nearest of ``nlist`` k-means cells of the
-        #: memory bank are searched (faster; a neighbour outside them is missed).
+        #: "ivf": approximate maps, exact image scores (see :class:`IVFIndex`): candidates
+        #: from the ``nprobe`` nearest of ``nlist`` k-means cells in the memory bank's top
+        #: ``ivf_dims`` principal directions, the best ``rerank`` of them measured exactly.
         search: str = choice("exact", SEARCHES)
         #: IVF cells; 0 = the square root of the memory-bank size.
         nlist: int = 0
-        nprobe: int = 1
+        nprobe: int = 2
+        #: 0 = cells in the full dimension (no projection, no re-ranking).
+        ivf_dims: int = 64
+        rerank: int = 4
         seed: int = 0
         chunk: int = 4096
 
@@ -238,6 +250,8 @@ class PatchCoreScorer(Scorer):
             self.require(self.partitions >= 1, "partitions", ">= 1")
             self.require(self.nlist >= 0, "nlist", ">= 0")
             self.require(self.nprobe >= 1, "nprobe", ">= 1")
+            self.require(self.ivf_dims >= 0, "ivf_dims", ">= 0")
+            self.require(self.rerank >= 1, "rerank", ">= 1")
 
     def _features(self, taps: list[np.ndarray]) -> np.ndarray:
         return aggregate(taps, self.p.target_dim, self.p.pretrain_dim,
@@ -254,29 +268,36 @@ class PatchCoreScorer(Scorer):
         del feats
         state = {"memory_bank": memory, "coreset_idx": idx}
         if self.p.search == "ivf":
+            low = memory
+            if 0 < self.p.ivf_dims < memory.shape[1]:
+                state["ivf_mean"], state["ivf_proj"] = pca_basis(memory, self.p.ivf_dims)
+                low = (memory - state["ivf_mean"]) @ state["ivf_proj"]
             cells = self.p.nlist or round(math.sqrt(len(memory)))
-            state["ivf_centroids"] = kmeans_centroids(memory, cells, self.p.seed)
+            state["ivf_centroids"] = kmeans_centroids(low, cells, self.p.seed)
         self._set_state(state)
 
     def _state(self) -> dict[str, np.ndarray]:
         state = {"memory_bank": self.memory_bank_, "coreset_idx": self.coreset_idx_}
-        if self.ivf_centroids_ is not None:
-            state["ivf_centroids"] = self.ivf_centroids_
+        state.update({k: v for k, v in self.ivf_.items() if v is not None})
         return state
 
     def _set_state(self, arrays: Mapping[str, np.ndarray]) -> None:
         self.memory_bank_ = np.asarray(arrays["memory_bank"], dtype=np.float32)
         self.coreset_idx_ = np.asarray(arrays["coreset_idx"])
-        self.ivf_centroids_ = arrays.get("ivf_centroids")
+        self.ivf_ = {k: arrays.get(k) for k in ("ivf_centroids", "ivf_proj", "ivf_mean")}
         bank = self.memory_bank_
         # exact either way; the bounds pay off for wide features on the CPU
         pruned = self.device == "cpu" and bank.shape[1] >= 512 and len(bank) >= 4096
         self._exact = PrunedIndex(bank) if pruned else FlatIndex(bank, "l2", self.device)
         self._index = self._exact
         if self.p.search == "ivf":
-            if self.ivf_centroids_ is None:
-                raise ValueError("search=ivf: the saved state has no ivf_centroids")
-            self._index = IVFIndex(bank, self.ivf_centroids_, self.p.nprobe, self.device)
+            ivf = self.ivf_
+            if ivf["ivf_centroids"] is None or (ivf["ivf_proj"] is None) != (
+                    ivf["ivf_mean"] is None):
+                raise ValueError("search=ivf: the saved state lacks ivf_centroids or one of "
+                                 "ivf_proj/ivf_mean")
+            self._index = IVFIndex(bank, ivf["ivf_centroids"], self.p.nprobe, self.device,
+                                   ivf["ivf_proj"], ivf["ivf_mean"], self.p.rerank)
 
     def _score(self, test: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Scores in batches of images, so memory stays bounded however large the test set."""
