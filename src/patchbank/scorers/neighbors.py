@@ -1,4 +1,5 @@
-"""Exact k-nearest-neighbour search with Faiss flat indexes, shared by every k-NN method.
+"""Exact k-nearest-neighbour search with Faiss flat indexes, shared by every k-NN method; an
+exact pruned 1-NN (:class:`PrunedIndex`) and an approximate inverted file (:class:`IVFIndex`).
 
 Distances come back as true distances: L2 (the square root of Faiss's squared L2) or cosine
 distance ``1 - cos`` (inner product of L2-normalised vectors). Queries are searched in chunks so
