@@ -18,6 +18,7 @@ from patchbank.core.errors import DatasetError, PatchbankError, ScoresError, Wei
 from patchbank.data.demo import make_demo_dataset
 from patchbank.evaluation import metrics
 from patchbank.evaluation.geometry import run_map, upsample_map
+from patchbank.evaluation.heatmap import place_map, smooth_upsample
 from patchbank.features.spec import ExtractSpec
 from patchbank.features.weights import sha16
 from patchbank.inference import (
@@ -31,7 +32,6 @@ from patchbank.inference import (
     predict,
 )
 from patchbank.inference.cli import overlay_names, predict_main
-from patchbank.inference.heatmap import place_map, smooth_upsample
 from patchbank.stages.evaluate import evaluate
 from patchbank.stages.extract import ExtractConfig, extract
 from patchbank.stages.score import score_category
@@ -196,10 +196,14 @@ def test_auto_threshold_without_metrics_json_comes_from_train_scores(demo, tmp_p
 def test_pixel_thresholds_and_masks(demo, caplog) -> None:
     folder = demo["runs"]["patchcore", "demo_texture"]
     model = load_run_model(folder, device="cpu")  # banks found beside the scores folder
-    with caplog.at_level("WARNING"):
-        auto = model.pixel_threshold("auto")
-    assert "differ" not in caplog.text  # the refitted hold-out reproduces train_scores.csv
+    auto = model.pixel_threshold("auto")  # from train_scores.csv's map_max
     assert auto.kind == UNSUPERVISED and "held-out train images" in auto.description
+    peaks = model.holdout_map_max
+    assert peaks is not None and len(peaks) >= 2
+    assert auto.value == pytest.approx(peaks.mean() + 3 * peaks.std(ddof=1))
+    with caplog.at_level("WARNING"):  # refitting the hold-out reproduces both stored columns
+        np.testing.assert_allclose(model._refit_holdout_peaks(), peaks, rtol=1e-5)
+    assert "differ" not in caplog.text
     oracle = model.pixel_threshold("oracle")
     assert oracle.kind == ORACLE_DICE
     assert model.pixel_threshold("none") is None
@@ -222,13 +226,18 @@ def test_pixel_thresholds_and_masks(demo, caplog) -> None:
     assert 2 * tp / (tp + fp + n_pos) == pytest.approx(best, rel=1e-3)
 
 
-def test_pixel_threshold_auto_needs_the_train_bank(demo, tmp_path) -> None:
+def test_pixel_threshold_auto_of_an_older_run_needs_the_train_bank(demo, tmp_path) -> None:
     folder = _copy_run(demo["runs"]["padim", "demo_texture"], tmp_path)
-    model = load_run_model(folder, device="cpu")
+    stored = load_run_model(folder, device="cpu").pixel_threshold("auto")  # no bank needed
+    table = pd.read_csv(folder / "train_scores.csv")
+    table.drop(columns="map_max").to_csv(folder / "train_scores.csv", index=False)
+    model = load_run_model(folder, device="cpu")  # as written before map_max existed
     with pytest.raises(PatchbankError, match="train bank .* was not found.*--banks-dir"):
         model.pixel_threshold("auto")
     model = load_run_model(folder, device="cpu", banks_dir=demo["base"] / "featurebanks")
-    assert model.pixel_threshold("auto").kind == UNSUPERVISED
+    refitted = model.pixel_threshold("auto")
+    assert refitted.kind == UNSUPERVISED
+    assert refitted.value == pytest.approx(stored.value, rel=1e-5)
     image_level = load_run_model(demo["runs"]["mahalanobis", "demo_texture"], device="cpu")
     assert image_level.pixel_threshold("auto") is None
 

@@ -51,6 +51,10 @@ def test_patchcore_run_written_and_read_back(tmp_path: Path) -> None:
     assert run.info["layers"] == [0] and run.info["grid"] == [6, 6]
     assert run.info["banks"]["train"]["split"] == "train" and run.info["fit_s"] >= 0
     assert len(run.train_scores) == 6  # 20 % of 30 held out
+    held = pd.read_csv(RunPaths.of(tmp_path / "scores", "toy", name, "widget").train_scores)
+    assert list(held.columns) == ["path", "score", "map_max"]
+    # each held-out map's maximum once smoothed and placed at image size: at most its grid max
+    assert (held["map_max"] > 0).all() and (held["map_max"] <= held["score"] * (1 + 1e-5)).all()
 
 
 def test_run_name_hashes_the_whole_configuration() -> None:

@@ -497,9 +497,9 @@ def quick_model(images: Sequence[Image.Image], *, backbone: str = "efficientnet_
     least 2) are held out, as the score stage does, for the unsupervised image and pixel
     thresholds.
     """
+    from patchbank.evaluation.heatmap import place_map
     from patchbank.features.extractors import build_extractor
     from patchbank.features.preprocess import Preprocess
-    from patchbank.inference.heatmap import place_map
     from patchbank.inference.model import N_SIGMA, UNSUPERVISED
     from patchbank.inference.predict import features
     from patchbank.scorers import make_scorer
@@ -530,7 +530,8 @@ def quick_model(images: Sequence[Image.Image], *, backbone: str = "efficientnet_
 
     model = RunModel(folder=Path("<memory>"), info=info, scorer=scorer, extractor=extractor,
                      extractor_info=xinfo, preprocess=preprocess, device=torch.device(device),
-                     metrics=None, train_scores=None, banks_dir=None, map_range=None)
+                     metrics=None, train_scores=None, holdout_map_max=None, banks_dir=None,
+                     map_range=None)
     if progress:
         progress(f"extracting features of {len(images)} images")
     pixels = torch.stack([preprocess.resize(im) for im in images])

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from patchbank.data.mvtec import load_image
-from patchbank.inference.heatmap import place_map
+from patchbank.evaluation.heatmap import place_map
 from patchbank.inference.model import RunModel
 from patchbank.inference.predict import features, predict
 

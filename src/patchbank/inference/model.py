@@ -14,9 +14,10 @@ Thresholds (:class:`Threshold`):
   chosen with the test labels), or a number;
 * pixel (for the defect mask, on the smoothed map at image resolution): ``"auto"`` = mean +
   3 sigma of the per-image maxima of the held-out train images' maps, so a typical good image
-  gets an empty mask. The score stage keeps only the held-out *scores*, so these maps are
-  recomputed once, lazily, from the train bank (the hold-out model refitted exactly as the
-  score stage fits it; a few seconds for PatchCore on bottle) and kept in memory;
+  gets an empty mask. The score stage writes those maxima into ``train_scores.csv``
+  (``map_max``); for runs scored before it did, they are recomputed once, lazily, from the
+  train bank (the hold-out model refitted exactly as the score stage fits it) and kept in
+  memory;
   ``"oracle"`` = the best-Dice threshold on the test set (``metrics.json``'s
   ``dice_threshold`` when the evaluate stage recorded one, else computed from the run's maps
   and ground-truth masks); or a number.
@@ -39,9 +40,9 @@ import torch
 from patchbank.core.device import resolve_device
 from patchbank.core.errors import BankError, PatchbankError, ScoresError, WeightsError
 from patchbank.evaluation import metrics
+from patchbank.evaluation.heatmap import place_map
 from patchbank.features.extractors import ExtractorInfo, FeatureExtractor, build_extractor
 from patchbank.features.preprocess import Preprocess
-from patchbank.inference.heatmap import place_map
 from patchbank.scorers import load_scorer, make_scorer
 from patchbank.scorers.base import Scorer
 from patchbank.store.banks import Bank, load_bank
@@ -138,6 +139,8 @@ class RunModel:
     device: torch.device
     metrics: dict[str, Any] | None
     train_scores: np.ndarray | None
+    #: map maxima of the held-out train images (``train_scores.csv``'s ``map_max``), if any.
+    holdout_map_max: np.ndarray | None
     banks_dir: Path | None
     #: (vmin, vmax) of the run's test maps: one colour scale for every heatmap of this run.
     map_range: tuple[float, float] | None
@@ -267,6 +270,16 @@ class RunModel:
                         f"the unsupervised pixel threshold and was not found{found}; {hint}")
 
     def _holdout_pixel_threshold(self) -> Threshold:
+        peaks = self.holdout_map_max
+        if peaks is None or len(peaks) < 2 or not np.isfinite(peaks).all():
+            peaks = self._refit_holdout_peaks()
+        value = float(np.mean(peaks) + N_SIGMA * np.std(peaks, ddof=1))
+        return Threshold(value, UNSUPERVISED,
+                         f"mean + 3σ of the map maxima of {len(peaks)} held-out train images")
+
+    def _refit_holdout_peaks(self) -> np.ndarray:
+        """Map maxima of the held-out train images, refitted from the train bank (runs scored
+        before ``train_scores.csv`` kept them)."""
         from patchbank.stages.score import fit_bank, holdout_rows
 
         seed = int(self.info.get("seed", 0))
@@ -288,9 +301,7 @@ class RunModel:
             row = bank.meta.iloc[int(j)]
             heat, _ = place_map(maps[i], self.info, int(row["height"]), int(row["width"]))
             peaks.append(float(heat.max()))
-        value = float(np.mean(peaks) + N_SIGMA * np.std(peaks, ddof=1))
-        return Threshold(value, UNSUPERVISED,
-                         f"mean + 3σ of the map maxima of {len(peaks)} held-out train images")
+        return np.asarray(peaks)
 
     def _oracle_pixel_threshold(self) -> Threshold:
         stored = (self.metrics or {}).get("dice_threshold")
@@ -329,14 +340,18 @@ def _read_metrics(folder: Path) -> dict[str, Any] | None:
     return found if isinstance(found, dict) else None
 
 
-def _read_train_scores(folder: Path) -> np.ndarray | None:
+def _read_train_scores(folder: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``train_scores.csv``'s held-out image scores and, when the run wrote them, the maxima
+    of those images' maps at image resolution (the unsupervised pixel threshold's inputs)."""
     import pandas as pd
 
     path = RunPaths(folder).train_scores
     if not path.is_file():
-        return None
+        return None, None
     try:
-        return pd.read_csv(path)["score"].to_numpy(np.float64)
+        table = pd.read_csv(path)
+        peaks = table["map_max"].to_numpy(np.float64) if "map_max" in table else None
+        return table["score"].to_numpy(np.float64), peaks
     except (OSError, ValueError, KeyError) as err:
         raise ScoresError(f"{path}: unreadable ({err}); re-score with --overwrite") from None
 
@@ -421,10 +436,11 @@ def load_run_model(run_dir: Path | str, *, weights: str | Path | None = None,
     if missing:
         raise ScoresError(f"{model_path}: fitted on layers {list(scorer.layers_)}, the bank "
                           f"has {list(xinfo.layers)}; re-score with --overwrite")
+    train_scores, holdout_map_max = _read_train_scores(folder)
     return RunModel(
         folder=folder, info=info, scorer=scorer, extractor=model, extractor_info=xinfo,
         preprocess=preprocess, device=dev, metrics=_read_metrics(folder),
-        train_scores=_read_train_scores(folder),
+        train_scores=train_scores, holdout_map_max=holdout_map_max,
         banks_dir=Path(banks_dir) if banks_dir is not None else None,
         map_range=_map_range(folder) if info.get("pixel_level") else None,
     )

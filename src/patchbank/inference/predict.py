@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from patchbank.core.errors import DatasetError, PatchbankError
 from patchbank.data.mvtec import IMAGE_EXTENSIONS, load_image
+from patchbank.evaluation.heatmap import place_map
 from patchbank.features.preprocess import Preprocess
-from patchbank.inference.heatmap import place_map
 from patchbank.inference.model import RunModel, Threshold
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ import pandas as pd
 from patchbank import __version__
 from patchbank.core.atomic import file_lock, sweep_stale_temporaries
 from patchbank.core.errors import BankError, PatchbankError
+from patchbank.evaluation.heatmap import place_map
 from patchbank.scorers import make_scorer
 from patchbank.store.banks import (
     SPLITS,
@@ -272,7 +273,7 @@ def _fit_score_write(scorer: Any, method: str, backbone: str, category: str, nam
     model_bytes = scorer.save(paths.model)
     log.info("%s %s/%s: fit %.1f s, score %.1f s", method, backbone, category, fit_s, score_s)
 
-    train_scores, holdout_s = None, None
+    train_scores, holdout_s, held_maps = None, None, None
     fit_idx, out_idx = holdout_rows(train.meta, holdout, seed)
     info["holdout_applied"] = bool(len(out_idx))
     if holdout > 0 and not len(out_idx):
@@ -283,7 +284,7 @@ def _fit_score_write(scorer: Any, method: str, backbone: str, category: str, nam
         t0 = time.perf_counter()
         held = make_scorer(method, scorer.params, device=device).fit(
             {k: v[fit_idx] for k, v in train.taps.items()})
-        held_scores, _ = held.score({k: v[out_idx] for k, v in train.taps.items()})
+        held_scores, held_maps = held.score({k: v[out_idx] for k, v in train.taps.items()})
         train_scores = pd.DataFrame(
             {"path": train.meta["path"].to_numpy()[out_idx], "score": held_scores}
         )
@@ -314,4 +315,10 @@ def _fit_score_write(scorer: Any, method: str, backbone: str, category: str, nam
         "holdout_fit_score_s": holdout_s,
         "model": {"file": MODEL_FILE, "bytes": model_bytes},
     })
+    if train_scores is not None and held_maps is not None:
+        # the unsupervised pixel threshold's inputs, so predict needs no refit for it
+        held_meta = train.meta.iloc[out_idx]
+        train_scores["map_max"] = [
+            float(place_map(m, info, h, w)[0].max())
+            for m, h, w in zip(held_maps, held_meta["height"], held_meta["width"], strict=True)]
     write_run(paths, table, maps, train_scores, info)

@@ -7,7 +7,8 @@ One method run on one category lives in ``<scores_dir>/<backbone>/<method>/<cate
 - ``maps.npz`` — key ``maps``: (N, h, w) float32 anomaly maps on the feature grid (absent for
   image-level methods);
 - ``train_scores.csv`` — ``path, score`` for held-out training images (for an unsupervised
-  threshold; absent when hold-out is disabled);
+  threshold; absent when hold-out is disabled), plus ``map_max`` for pixel-level methods: the
+  maximum of each image's smoothed map at image resolution (the unsupervised pixel threshold);
 - ``run.json`` — method, resolved parameters, the fingerprints of the banks read, model input
   size, map smoothing sigma, fit and score seconds. Written last: a run is complete when it
   exists, and is reused only when its configuration matches;
