@@ -11,12 +11,13 @@ cached per (size, grid, sigma).
 
 :func:`place_map` is :func:`patchbank.evaluation.geometry.run_map` for one map and a run's
 ``run.json``: the same crop box, output shape and sigma scaling, so predicted heatmaps sit on
-images exactly as the evaluate stage places them.
+images exactly as the evaluate stage places them; :func:`map_maxima` gives the placed maps'
+maxima (the unsupervised pixel threshold's inputs, written by the score stage).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -67,3 +68,11 @@ def place_map(amap: np.ndarray, info: Mapping[str, Any], height: int, width: int
     shape = eval_shape(len(range(int(height))[ys]), len(range(int(width))[xs]), max_side)
     sigma = eval_sigma(float(info["map_sigma"]), shape[0], int(info["input_size"]))
     return smooth_upsample(amap, shape, sigma), (ys, xs)
+
+
+def map_maxima(maps: Sequence[np.ndarray], info: Mapping[str, Any], heights: Sequence[int],
+               widths: Sequence[int]) -> np.ndarray:
+    """Each grid map's maximum once placed on its image (:func:`place_map`): the inputs of the
+    unsupervised pixel threshold."""
+    return np.array([float(place_map(m, info, int(h), int(w))[0].max())
+                     for m, h, w in zip(maps, heights, widths, strict=True)])

@@ -40,7 +40,7 @@ import torch
 from patchbank.core.device import resolve_device
 from patchbank.core.errors import BankError, PatchbankError, ScoresError, WeightsError
 from patchbank.evaluation import metrics
-from patchbank.evaluation.heatmap import place_map
+from patchbank.evaluation.heatmap import map_maxima
 from patchbank.features.extractors import ExtractorInfo, FeatureExtractor, build_extractor
 from patchbank.features.preprocess import Preprocess
 from patchbank.scorers import load_scorer, make_scorer
@@ -296,12 +296,8 @@ class RunModel:
                 not np.allclose(scores, self.train_scores, rtol=1e-4, atol=1e-6):
             log.warning("%s: refitted hold-out scores differ from train_scores.csv; the pixel "
                         "threshold may not match the scored run", self.folder)
-        peaks = []
-        for i, j in enumerate(out_idx):
-            row = bank.meta.iloc[int(j)]
-            heat, _ = place_map(maps[i], self.info, int(row["height"]), int(row["width"]))
-            peaks.append(float(heat.max()))
-        return np.asarray(peaks)
+        held = bank.meta.iloc[out_idx]
+        return map_maxima(maps, self.info, held["height"], held["width"])
 
     def _oracle_pixel_threshold(self) -> Threshold:
         stored = (self.metrics or {}).get("dice_threshold")

@@ -20,7 +20,7 @@ import pandas as pd
 from patchbank import __version__
 from patchbank.core.atomic import file_lock, sweep_stale_temporaries
 from patchbank.core.errors import BankError, PatchbankError
-from patchbank.evaluation.heatmap import place_map
+from patchbank.evaluation.heatmap import map_maxima
 from patchbank.scorers import make_scorer
 from patchbank.store.banks import (
     SPLITS,
@@ -318,7 +318,6 @@ def _fit_score_write(scorer: Any, method: str, backbone: str, category: str, nam
     if train_scores is not None and held_maps is not None:
         # the unsupervised pixel threshold's inputs, so predict needs no refit for it
         held_meta = train.meta.iloc[out_idx]
-        train_scores["map_max"] = [
-            float(place_map(m, info, h, w)[0].max())
-            for m, h, w in zip(held_maps, held_meta["height"], held_meta["width"], strict=True)]
+        train_scores["map_max"] = map_maxima(held_maps, info, held_meta["height"],
+                                             held_meta["width"])
     write_run(paths, table, maps, train_scores, info)
