@@ -20,7 +20,7 @@ test: $(STAMP)
 # A sweep (README "Sweeps"): ARGS="--config sweep.yaml" or flags, e.g.
 # ARGS="--category demo_texture --method padim,knn --shots 1,4,all --seeds 0,1,2 --executor ray"
 sweep: $(STAMP)
-	$(PY) -m patchbank.sweep.cli $(ARGS)
+	$(PY) -m patchbank.cli.sweep $(ARGS)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_extract.py

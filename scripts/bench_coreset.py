@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from patchbank.bench import bench_coreset, coreset_points
+from patchbank.bench.stages import bench_coreset, coreset_points
 
 DEFAULT_POINTS = [Path("/tmp/coreset_points_597k.npy"), Path("/tmp/coreset_points_164k.npy")]
 

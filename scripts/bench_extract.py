@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from patchbank.bench import bench_extract
+from patchbank.bench.stages import bench_extract
 from patchbank.features.registry import REGISTRY
 
 p = argparse.ArgumentParser(description=__doc__)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from patchbank.bench import bench_evaluate, bench_metrics
+from patchbank.bench.stages import bench_evaluate, bench_metrics
 from patchbank.core.errors import ScoresError
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -9,8 +9,8 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+from patchbank.bench.predict import latency, throughput  # noqa: E402
 from patchbank.inference import load_run_model  # noqa: E402
-from patchbank.inference.bench import latency, throughput  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--run", type=Path, required=True, help="score-run folder (run.json, model.npz)")

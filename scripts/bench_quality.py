@@ -8,7 +8,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from patchbank.bench_quality import VARIANTS, run_quality, summary
+from patchbank.bench.quality import VARIANTS, run_quality, summary
 from patchbank.data.demo import ensure_demo_dataset
 from patchbank.data.mvtec import list_categories
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from patchbank.bench import bench_score, fit_peak_memory
+from patchbank.bench.stages import bench_score, fit_peak_memory
 from patchbank.scorers import SCORERS
 
 p = argparse.ArgumentParser(description=__doc__)

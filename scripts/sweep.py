@@ -1,6 +1,6 @@
 """Thin wrapper: see `python scripts/sweep.py --help` and patchbank.sweep.cli.sweep_main."""
 
-from patchbank.sweep.cli import sweep_main
+from patchbank.cli.sweep import sweep_main
 
 if __name__ == "__main__":
     sweep_main()

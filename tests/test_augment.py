@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from patchbank.cli import extract_main
+from patchbank.cli.stages import extract_main
 from patchbank.core.errors import PatchbankError
 from patchbank.data.demo import make_demo_dataset
 from patchbank.features.augment import Augmenter, augment_image, parse_ops

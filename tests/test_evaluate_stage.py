@@ -279,7 +279,7 @@ def test_metrics_json_is_reused_until_something_changes(
 
 
 def test_cli_overwrite_forces_reevaluation(tmp_path: Path, capsys) -> None:
-    from patchbank.cli import evaluate_main
+    from patchbank.cli.stages import evaluate_main
 
     paths = perfect_run(tmp_path)
     args = ["--backbone", "toy", "--method", "hand", "--scores-dir", str(tmp_path / "scores"),

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from patchbank import cli
+from patchbank.cli import stages as cli
 from patchbank.core.errors import BankError, ScoresError
 from patchbank.data.demo import make_demo_dataset
 from patchbank.features.spec import ExtractSpec
@@ -572,7 +572,7 @@ def test_score_and_evaluate_all_report_a_broken_category_and_finish_the_others(
 FORK_SERVER = r"""
 import atexit, fnmatch, json, os, sys, time, traceback
 from pathlib import Path
-import patchbank.cli
+import patchbank.cli.stages
 import patchbank.stages.evaluate, patchbank.stages.extract, patchbank.stages.score
 from patchbank.core import atomic
 
@@ -600,7 +600,7 @@ def child(req):
         pause_before(req["pause"], req["ready"], req.get("go"))
     code = 0
     try:
-        getattr(patchbank.cli, req["main"])(req["args"])
+        getattr(patchbank.cli.stages, req["main"])(req["args"])
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
     except BaseException:

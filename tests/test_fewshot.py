@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from conftest import TOY_TAG, write_toy_banks
 
-from patchbank.cli import score_main
+from patchbank.cli.stages import score_main
 from patchbank.core.errors import PatchbankError
 from patchbank.scorers import make_scorer
 from patchbank.stages.evaluate import evaluate

@@ -14,6 +14,7 @@ import torch
 from conftest import bottle_subset
 from PIL import Image
 
+from patchbank.cli.predict import overlay_names, predict_main
 from patchbank.core.errors import DatasetError, PatchbankError, ScoresError, WeightsError
 from patchbank.data.demo import make_demo_dataset
 from patchbank.evaluation import metrics
@@ -31,7 +32,6 @@ from patchbank.inference import (
     overlay,
     predict,
 )
-from patchbank.inference.cli import overlay_names, predict_main
 from patchbank.stages.evaluate import evaluate
 from patchbank.stages.extract import ExtractConfig, extract
 from patchbank.stages.score import score_category

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from patchbank.cli.sweep import sweep_main
 from patchbank.core.errors import SweepError
 from patchbank.sweep import run_sweep
-from patchbank.sweep.cli import sweep_main
 from patchbank.sweep.config import ExtractSetting, MethodGrid, SweepConfig, load_config
 from patchbank.sweep.executors import InProcessExecutor, RayExecutor, import_ray
 from patchbank.sweep.graph import build_graph

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from patchbank.cli import _main
+from patchbank.cli.runtime import run_command
 from patchbank.core.errors import PatchbankError
 
 log = logging.getLogger("patchbank")
@@ -140,7 +140,7 @@ def predict_main(argv: Sequence[str] | None = None) -> None:
               + (f", {bad} unreadable" if bad else "") + f" -> {args.out}"
               + (f", overlays in {args.heatmaps}" if maps else ""))
 
-    _main(p, run, argv)
+    run_command(p, run, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from patchbank.cli import _main
+from patchbank.cli.runtime import run_command
 
 
 def synth_main(argv: Sequence[str] | None = None) -> None:
@@ -38,11 +38,11 @@ def synth_main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
     def run(args: argparse.Namespace) -> None:
-        from patchbank.cli import _data_root, _each
+        from patchbank.cli.runtime import data_root, each_item
         from patchbank.data.mvtec import resolve_categories
         from patchbank.synth.dataset import write_synthetic_set
 
-        root = _data_root(args)
+        root = data_root(args)
         kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
 
         def one(category: str) -> None:
@@ -53,9 +53,9 @@ def synth_main(argv: Sequence[str] | None = None) -> None:
                                          overwrite=args.overwrite)
             print(f"{args.out / category}: {status}")
 
-        _each(resolve_categories(root, args.category), args.fail_fast, one)
+        each_item(resolve_categories(root, args.category), args.fail_fast, one)
 
-    _main(p, run, argv)
+    run_command(p, run, argv)
 
 
 def select_main(argv: Sequence[str] | None = None) -> None:
@@ -102,4 +102,4 @@ def select_main(argv: Sequence[str] | None = None) -> None:
         if args.out is not None:
             atomic_write_text(args.out, text)
 
-    _main(p, run, argv)
+    run_command(p, run, argv)

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from patchbank.cli import _main
+from patchbank.cli.runtime import run_command
 from patchbank.core.errors import PartialFailure, SweepError
 
 
@@ -141,7 +141,7 @@ def sweep_main(argv: Sequence[str] | None = None) -> None:
             report(err.result)
             raise
 
-    _main(p, run, argv)
+    run_command(p, run, argv)
 
 
 if __name__ == "__main__":
