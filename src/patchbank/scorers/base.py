@@ -275,6 +275,10 @@ class Scorer(ABC):
         """The parameters as a dict (what run.json and model.npz record)."""
         return self.p.as_dict()
 
+    def clone(self) -> Self:
+        """A new, unfitted scorer of the same class, parameters and device."""
+        return type(self)(device=str(self.device), **self.params)
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{type(self).__name__}({args})"
