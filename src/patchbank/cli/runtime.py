@@ -22,6 +22,33 @@ from patchbank.core.errors import ITEM_ERRORS, PartialFailure, PatchbankError
 
 log = logging.getLogger("patchbank")
 
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description and epilog as written; appends ``(default: X)`` to a flag's help
+    when it has a default worth stating and the text does not state one already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings or isinstance(default, bool)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def new_parser(prog: str | None, description: str, example: str,
+               epilog: str = "") -> argparse.ArgumentParser:
+    """A subcommand's parser; its ``--help`` ends with ``example`` (one command line)."""
+    tail = (epilog.rstrip() + "\n\n" if epilog else "") + f"example:\n  {example}"
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=tail,
+                                   formatter_class=HelpFormatter)
+
+
+def add_verbose(p: argparse.ArgumentParser) -> None:
+    """``-v``: log at DEBUG level and log the traceback behind an error line."""
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging; with an error, also log its traceback")
+
 def parse_params(items: Sequence[str]) -> dict[str, str]:
     """``["k=1", "coreset=0.1"]`` -> ``{"k": "1", "coreset": "0.1"}``."""
     out = {}

@@ -8,104 +8,46 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from patchbank.cli.runtime import categories, data_root, each_item, parse_params, run_command
-from patchbank.core.errors import PartialFailure, PatchbankError
+from patchbank.cli.args import (
+    add_common,
+    add_extract,
+    add_holdout,
+    add_run_choice,
+    add_scores_dir,
+    add_shots,
+    check_methods,
+    extract_spec,
+)
+from patchbank.cli.runtime import (
+    categories,
+    data_root,
+    each_item,
+    new_parser,
+    parse_params,
+    run_command,
+)
+from patchbank.core.errors import PartialFailure
 
 log = logging.getLogger("patchbank")
 
-
-def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
-    if data:
-        p.add_argument("--data-root", type=Path, default=None,
-                       help="dataset root in MVTec AD layout (default: the embedded demo dataset)")
-    p.add_argument("--category", default="all", help="category name, comma list, or 'all'")
-    p.add_argument("--banks-dir", type=Path, default=Path("featurebanks"))
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--overwrite", action="store_true", help="recompute even if up to date")
-    p.add_argument("--fail-fast", action="store_true",
-                   help="stop at the first failing category (default: finish the others, "
-                        "then report every failure)")
-    p.add_argument("-v", "--verbose", action="store_true")
+BACKBONE_HELP = "registry name (see the README's backbone table) or any timm model name"
 
 
-def _scores(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scores-dir", type=Path, default=Path("scores"))
-
-
-def _shots_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shots", type=_shots, default=None,
-                   help="few-shot: fit on this many seeded training images ('all': every one)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the few-shot subset and the hold-out split (default 0)")
-
-
-def _shots(text: str) -> int | None:
-    """``--shots`` value: a positive integer or ``all``."""
-    if text.strip().lower() == "all":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer or 'all'")
-    return value
-
-
-def _extract_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", default="hub",
-                   help="'hub' (pretrained, default), a local weights file, or 'random'")
-    p.add_argument("--image-size", type=int, default=None, help="square input size")
-    p.add_argument("--layers", default=None, help="comma list of tapped layers, e.g. 1,2,3")
-    p.add_argument("--crop", type=int, default=None, help="centre-crop size after resizing")
-    p.add_argument("--normalize", default=None, choices=["imagenet", "half", "model"],
-                   help="input normalisation (default: the backbone's own)")
-    p.add_argument("--augment", type=int, default=0, metavar="N",
-                   help="add N seeded augmented copies of every training image to the train "
-                        "bank (default 0)")
-    p.add_argument("--augment-ops", default=None,
-                   help="comma list of augmentations: flip, rot90, dihedral, rot8 "
-                        "(AnomalyDINO's 45-degree steps), scale, blur, noise, jitter "
-                        "(default scale,blur,noise,jitter)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--no-image-cache", dest="image_cache", action="store_false",
-                   help="do not keep resized images under <banks-dir>/_imagecache for reuse")
-
-
-def _spec(args: argparse.Namespace, backbone: str) -> Any:
-    from patchbank.features.spec import ExtractSpec
-
-    try:
-        layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
-    except ValueError:
-        raise PatchbankError(f"--layers {args.layers!r}: expected a comma list of integers, "
-                             "e.g. --layers 1,2,3") from None
-    return ExtractSpec(backbone, args.weights, layers, args.image_size, args.crop,
-                       args.normalize, getattr(args, "augment", 0),
-                       getattr(args, "augment_ops", None))
-
-
-
-
-
-
-
-
-
-
-def extract_main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Extract patch-feature banks from images.")
-    p.add_argument("--backbone", required=True, help="registry name or any timm model name")
-    _common(p)
-    _extract_args(p)
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers")
+def extract_main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    p = new_parser(prog, "Extract patch-feature banks (one npy per tapped layer) from images.",
+                   "patchbank extract --backbone efficientnet_lite0 --category demo_object")
+    p.add_argument("--backbone", required=True, help=BACKBONE_HELP)
+    add_common(p)
+    add_extract(p)
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-decoding DataLoader workers (default: from the CPU count)")
 
     def run(args: argparse.Namespace) -> None:
         from patchbank.data.mvtec import resolve_categories
         from patchbank.stages.extract import ExtractConfig, extract
 
         root = data_root(args)
-        spec = _spec(args, args.backbone)
+        spec = extract_spec(args, args.backbone)
         config = ExtractConfig(spec, args.batch_size, args.workers, args.device,
                                args.image_cache)
         tag = spec.tag()
@@ -125,36 +67,40 @@ def extract_main(argv: Sequence[str] | None = None) -> None:
     run_command(p, run, argv)
 
 
-def score_main(argv: Sequence[str] | None = None) -> None:
+def score_main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     from patchbank.scorers import methods_help
 
-    p = argparse.ArgumentParser(description="Score cached banks with an anomaly detector.",
-                                epilog=methods_help(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", required=True)
-    p.add_argument("--method", required=True)
-    p.add_argument("--param", action="append", default=[], help="key=value, repeatable")
+    p = new_parser(prog, "Score cached banks with an anomaly detector; writes one run folder "
+                   "<scores-dir>/<backbone>/<run>/<category>/ and prints its name.",
+                   "patchbank score --backbone efficientnet_lite0 --method patchcore "
+                   "--category demo_object --param coreset=0.1",
+                   epilog="methods and their parameters (--param key=value):\n"
+                          + methods_help())
+    p.add_argument("--backbone", required=True, help="backbone whose banks are scored")
+    p.add_argument("--method", required=True, help="scoring method (listed below)")
+    p.add_argument("--param", action="append", default=[],
+                   help="method parameter key=value, repeatable (listed below)")
     p.add_argument("--bank", default=None,
                    help="bank configuration tag (or a unique prefix) under <banks-dir>/<backbone>;"
                         " needed when several exist")
     p.add_argument("--name", default=None,
-                   help="output folder name (default: method, bank settings and a hash)")
-    p.add_argument("--holdout", type=float, default=0.2,
-                   help="fraction of train images held out for an unsupervised threshold (0: off)")
-    _shots_args(p)
-    _common(p, data=False)
-    _scores(p)
+                   help="run folder name (default: method, bank settings and a hash)")
+    add_holdout(p)
+    add_shots(p)
+    add_common(p, data=False)
+    add_scores_dir(p)
 
     def run(args: argparse.Namespace) -> None:
         from patchbank.stages.score import score_category
 
+        check_methods([args.method])
         params = parse_params(args.param)
         tags = f"{args.bank}*" if args.bank else "*"
         cats = categories(
             args, Path(args.banks_dir, args.backbone),
             [f"{tags}/*/{split}.{ext}" for split in ("train", "test") for ext in ("json", "csv")]
             + [f"{tags}/*/*.layer*.npy"],
-            f"python scripts/extract.py --backbone {args.backbone} --data-root DATA_ROOT "
+            f"patchbank extract --backbone {args.backbone} --data-root DATA_ROOT "
             f"--banks-dir {args.banks_dir}")
 
         def one(category: str) -> None:
@@ -169,65 +115,82 @@ def score_main(argv: Sequence[str] | None = None) -> None:
     run_command(p, run, argv)
 
 
-def evaluate_main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Evaluate score runs: metrics, leaderboard, figures.")
-    p.add_argument("--backbone", required=True)
-    p.add_argument("--method", required=True)
+def evaluate_main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    p = new_parser(prog, "Evaluate score runs (official MVTec AD metrics), then rewrite "
+                   "metrics.csv, the leaderboard and the figures.",
+                   "patchbank evaluate --backbone efficientnet_lite0 --method patchcore "
+                   "--category demo_object")
+    p.add_argument("--backbone", required=True, help="backbone whose runs are evaluated")
+    add_run_choice(p)
     p.add_argument("--eval-size", type=int, default=None,
-                   help="evaluate pixel metrics at this longer side instead of full resolution")
-    p.add_argument("--no-figures", action="store_true")
-    _common(p)
-    _scores(p)
+                   help="evaluate pixel metrics at this longer side (default: each image's "
+                        "full resolution)")
+    p.add_argument("--no-figures", action="store_true",
+                   help="skip heatmaps, curves and histograms")
+    add_common(p)
+    add_scores_dir(p)
 
     def run(args: argparse.Namespace) -> None:
         from patchbank.stages.evaluate import evaluate, leaderboard
+        from patchbank.store.catalog import find_runs
 
-        cats = categories(
-            args, Path(args.scores_dir, args.backbone, args.method),
-            [f"*/{f}" for f in ("run.json", "image_scores.csv", "maps.npz", "model.npz",
-                                "metrics.json")],
-            f"python scripts/score.py --backbone {args.backbone} --method METHOD "
-            f"--banks-dir {args.banks_dir} --scores-dir {args.scores_dir}")
+        wanted = [c.strip() for c in args.category.split(",") if c.strip()]
+        runs = find_runs(args.scores_dir, args.backbone, method=args.method, run=args.run,
+                         categories=wanted)
 
-        def report(table: Any) -> None:
+        def report(name: str, table: Any) -> None:
             if table is not None and not table.empty:
+                print(f"{args.backbone}/{name}:")
                 print(table[["category", "image_auroc", "pixel_auroc", "pro", "best_dice",
                              "overall_score"]].to_string(index=False, float_format="%.4f"))
-            leaderboard(args.scores_dir)
 
+        failures: list[tuple[str, BaseException]] = []
+        total = 0
         try:
-            table = evaluate(args.scores_dir, args.backbone, args.method, cats, args.data_root,
-                             args.eval_size, figures=not args.no_figures,
-                             overwrite=args.overwrite, fail_fast=args.fail_fast)
-        except PartialFailure as err:
-            report(err.result)
-            raise
-        report(table)
+            for ref in runs:
+                cats = list(ref.categories) if "all" in wanted else wanted
+                total += len(cats)
+                try:
+                    report(ref.name, evaluate(
+                        args.scores_dir, args.backbone, ref.name, cats, args.data_root,
+                        args.eval_size, figures=not args.no_figures, overwrite=args.overwrite,
+                        fail_fast=args.fail_fast))
+                except PartialFailure as err:  # some categories failed, the others finished
+                    report(ref.name, err.result)
+                    failures += err.failures
+        finally:
+            leaderboard(args.scores_dir)
+        if failures:
+            raise PartialFailure(failures, total=total)
 
     run_command(p, run, argv)
 
 
-def run_main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="extract -> score -> evaluate, then the leaderboard.")
-    p.add_argument("--backbone", default="efficientnet_lite0", help="comma list")
-    p.add_argument("--method", default="padim,patchcore", help="comma list")
+def run_main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    p = new_parser(prog, "extract -> score -> evaluate on every category, then the "
+                   "leaderboard (each stage skips what is up to date).",
+                   "patchbank run --category demo_object --method padim,patchcore")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="comma list of backbones")
+    p.add_argument("--method", default="padim,patchcore", help="comma list of methods")
     p.add_argument("--param", action="append", default=[],
-                   help="key=value for all methods, or method.key=value for one")
-    p.add_argument("--eval-size", type=int, default=None)
-    p.add_argument("--no-figures", action="store_true")
-    p.add_argument("--holdout", type=float, default=0.2,
-                   help="fraction of train images held out for an unsupervised threshold (0: off)")
-    _shots_args(p)
-    _common(p)
-    _scores(p)
-    _extract_args(p)
+                   help="key=value for all methods, or method.key=value for one; repeatable")
+    p.add_argument("--eval-size", type=int, default=None,
+                   help="evaluate pixel metrics at this longer side (default: full resolution)")
+    p.add_argument("--no-figures", action="store_true",
+                   help="skip heatmaps, curves and histograms")
+    add_holdout(p)
+    add_shots(p)
+    add_common(p)
+    add_scores_dir(p)
+    add_extract(p)
     p.set_defaults(weights="auto")
 
     def run(args: argparse.Namespace) -> None:
         from patchbank.stages.evaluate import leaderboard_markdown
         from patchbank.stages.pipeline import run_pipeline
 
-        specs = [_spec(args, b) for b in args.backbone.split(",") if b]
+        methods = check_methods([m for m in args.method.split(",") if m])
+        specs = [extract_spec(args, b) for b in args.backbone.split(",") if b]
 
         def report(board: Any) -> None:
             if board is not None and not board.empty:
@@ -236,7 +199,7 @@ def run_main(argv: Sequence[str] | None = None) -> None:
 
         try:
             board = run_pipeline(
-                args.data_root, args.category, specs, args.method.split(","),
+                args.data_root, args.category, specs, methods,
                 banks_dir=args.banks_dir, scores_dir=args.scores_dir, device=args.device,
                 params=parse_params(args.param), holdout=args.holdout, shots=args.shots,
                 seed=args.seed, overwrite=args.overwrite, figures=not args.no_figures,
@@ -249,5 +212,3 @@ def run_main(argv: Sequence[str] | None = None) -> None:
         report(board)
 
     run_command(p, run, argv)
-
-

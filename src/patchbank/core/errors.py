@@ -1,5 +1,9 @@
 """User-facing errors: one line naming the file and the fix, printed without a traceback."""
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+
 
 class PatchbankError(Exception):
     """Base class; ``str(err)`` is a complete one-line message for the user."""
@@ -47,3 +51,11 @@ ITEM_ERRORS: tuple[type[BaseException], ...] = (PatchbankError, OSError, MemoryE
 
 class SweepError(PatchbankError):
     """A sweep configuration (YAML file or flags) is malformed, or its executor cannot start."""
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'a' or 'b'?)`` for the closest of ``choices`` to ``name``, else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(choices), n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""

@@ -13,7 +13,7 @@ import timm
 import torch
 from torch import nn
 
-from patchbank.core.errors import WeightsError
+from patchbank.core.errors import WeightsError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,8 @@ def get_spec(name: str) -> BackboneSpec:
         return REGISTRY[name]
     if timm.is_model(name):
         return _generic_spec(name)
-    raise WeightsError(f"unknown backbone {name!r}: use one of {', '.join(REGISTRY)} "
+    hint = did_you_mean(name, [*REGISTRY, *timm.list_models()])
+    raise WeightsError(f"unknown backbone {name!r}{hint}: use one of {', '.join(REGISTRY)} "
                        "or any timm model name (see timm.list_models())")
 
 

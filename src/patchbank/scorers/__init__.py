@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from patchbank.core.errors import ScoresError
+from patchbank.core.errors import ScoresError, did_you_mean
 from patchbank.scorers.anomalydino import AnomalyDINOScorer
 from patchbank.scorers.autoencoder import FeatureAEScorer, PixelAEScorer
 from patchbank.scorers.base import MODEL_FORMAT, PooledScorer, Scorer
@@ -48,7 +48,8 @@ def make_scorer(name: str, params: Mapping[str, str | int | float | bool | None]
     keys; a value that does not parse -> ValueError naming the key and the expected type.
     """
     if name not in SCORERS:
-        raise ValueError(f"unknown scoring method {name!r}; choose one of {sorted(SCORERS)}")
+        raise ValueError(f"unknown scoring method {name!r}{did_you_mean(name, SCORERS)}; "
+                         f"choose one of {sorted(SCORERS)}")
     return SCORERS[name](device=device, **dict(params or {}))
 
 
