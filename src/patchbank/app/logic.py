@@ -566,3 +566,21 @@ def quick_model(images: Sequence[Image.Image], *, backbone: str = "efficientnet_
                 "images")
             model.map_range = (lo, max(hi, value) * 2 - lo)
     return model
+
+
+def preselect(runs: pd.DataFrame, backbone: str | None = None, method: str | None = None,
+              run: str | None = None, category: str | None = None) -> pd.DataFrame:
+    """The rows of :func:`run_table` the app's launch options select (``--backbone``,
+    ``--method``, ``--run`` name or unique prefix, ``--category``); all rows for options not
+    given. An empty result means nothing matched (the launcher refuses that before starting)."""
+    sub = runs
+    if backbone:
+        sub = sub[sub["backbone"] == backbone]
+    if method:
+        sub = sub[sub["method"] == method]
+    if run:
+        exact = sub[sub["run"] == run]
+        sub = exact if not exact.empty else sub[sub["run"].str.startswith(run)]
+    if category:
+        sub = sub[sub["category"] == category]
+    return sub

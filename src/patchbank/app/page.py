@@ -17,6 +17,8 @@ from patchbank.core.errors import PatchbankError
 
 SCORES_DIR = Path(os.environ.get("PATCHBANK_SCORES_DIR", "scores"))
 DEVICE = os.environ.get("PATCHBANK_DEVICE", "auto")
+#: launch options that narrow the run picker (``patchbank app --method patchcore`` ...)
+PRESELECT = ("BACKBONE", "METHOD", "RUN", "CATEGORY")
 PAGES = ["Single image", "Batch", "Leaderboard & figures", "Quick model"]
 
 
@@ -34,10 +36,11 @@ def _stamp(folder: str) -> float:
 
 def pick_run():
     """Sidebar: backbone -> run -> category; returns the loaded model or None."""
-    runs = logic.run_table(SCORES_DIR)
+    runs = logic.preselect(logic.run_table(SCORES_DIR), *(os.environ.get(f"PATCHBANK_{k}")
+                                                          for k in PRESELECT))
     if runs.empty:
         st.sidebar.warning(f"No fitted runs under `{SCORES_DIR}`. Run `make run` (or "
-                           "scripts/score.py) first, or set PATCHBANK_SCORES_DIR.")
+                           "patchbank score) first, or set PATCHBANK_SCORES_DIR.")
         return None
     backbone = st.sidebar.selectbox("Backbone", sorted(runs["backbone"].unique()),
                                     key="backbone")

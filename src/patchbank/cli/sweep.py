@@ -8,50 +8,74 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from patchbank.cli.runtime import run_command
+from patchbank.cli.runtime import add_verbose, new_parser, run_command
 from patchbank.core.errors import PartialFailure, SweepError
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Run a sweep: categories x backbones x extract settings x methods x "
-                    "parameter grids x shots x seeds; every finished job is skipped on re-runs.")
-    p.add_argument("--config", type=Path, default=None, help="sweep YAML file")
-    p.add_argument("--name", default=None, help="sweep name (scores/sweeps/<name>.csv)")
+def _parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = new_parser(
+        prog, "Run a sweep: categories x backbones x extract settings x methods x parameter "
+              "grids x shots x seeds; every finished job is skipped on re-runs. Flags override "
+              "the YAML file; a flag left out takes the file's value, else the default named.",
+        "patchbank sweep --category demo_texture --method padim,knn --shots 1,4,all "
+        "--seeds 0,1,2")
+    p.add_argument("--config", type=Path, default=None,
+                   help="sweep YAML file (default: none, flags only)")
+    p.add_argument("--name", default=None,
+                   help="sweep name: its table is <scores-dir>/sweeps/<name>.csv (default sweep)")
     p.add_argument("--data-root", type=Path, default=None,
                    help="dataset root (default: the file's, else the embedded demo dataset)")
-    p.add_argument("--category", default=None, help="category, comma list or 'all'")
-    p.add_argument("--backbone", default=None, help="comma list of backbones")
-    p.add_argument("--method", default=None, help="comma list of methods")
+    p.add_argument("--category", default=None,
+                   help="category, comma list or 'all' (default all)")
+    p.add_argument("--backbone", default=None,
+                   help="comma list of backbones (default efficientnet_lite0)")
+    p.add_argument("--method", default=None,
+                   help="comma list of methods (default padim)")
     p.add_argument("--grid", action="append", default=[],
                    help="method.key=v1,v2 (or key=v1,v2 for every method): a parameter axis; "
                         "repeatable")
-    p.add_argument("--shots", default=None, help="comma list, e.g. 1,4,16,all")
-    p.add_argument("--seeds", default=None, help="comma list, e.g. 0,1,2")
-    p.add_argument("--holdout", type=float, default=None)
-    p.add_argument("--weights", default=None, help="auto (default), hub, random or a file")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--layers", default=None, help="comma list of tapped layers")
-    p.add_argument("--crop", type=int, default=None)
-    p.add_argument("--normalize", default=None, choices=["imagenet", "half", "model"])
-    p.add_argument("--banks-dir", type=Path, default=None)
-    p.add_argument("--scores-dir", type=Path, default=None)
-    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
-    p.add_argument("--eval-size", type=int, default=None)
+    p.add_argument("--shots", default=None,
+                   help="comma list, e.g. 1,4,16,all (default all)")
+    p.add_argument("--seeds", default=None,
+                   help="comma list, e.g. 0,1,2 (default 0)")
+    p.add_argument("--holdout", type=float, default=None,
+                   help="held-out fraction of train images for thresholds (default 0.2)")
+    p.add_argument("--weights", default=None,
+                   help="auto (default), hub, random or a file")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="square model input size (default: the backbone's)")
+    p.add_argument("--layers", default=None,
+                   help="comma list of tapped layers (default: the backbone's)")
+    p.add_argument("--crop", type=int, default=None,
+                   help="centre-crop size after resizing (default: none)")
+    p.add_argument("--normalize", default=None, choices=["imagenet", "half", "model"],
+                   help="input normalisation (default: the backbone's own)")
+    p.add_argument("--banks-dir", type=Path, default=None,
+                   help="folder of the feature banks (default featurebanks)")
+    p.add_argument("--scores-dir", type=Path, default=None,
+                   help="folder of the score runs and sweep tables (default scores)")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+                   help="where models run (default auto: CUDA when available)")
+    p.add_argument("--eval-size", type=int, default=None,
+                   help="evaluate pixel metrics at this longer side (default: full resolution)")
     p.add_argument("--figures", action="store_true", default=None,
                    help="also draw every run's per-category evaluation figures")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--executor", default=None, choices=["inprocess", "ray"])
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward pass (default 16)")
+    p.add_argument("--executor", default=None, choices=["inprocess", "ray"],
+                   help="run jobs in this process or on Ray (default inprocess)")
     p.add_argument("--ray-address", default=None,
                    help="an existing Ray cluster (e.g. auto, HEAD_IP:6379); default: start a "
                         "local Ray for this sweep")
-    p.add_argument("--num-cpus", type=int, default=None, help="cores of a local Ray")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="cores of a local Ray")
     p.add_argument("--gpus-per-task", type=float, default=None,
                    help="GPUs per Ray task (default: 1 with CUDA, else 0)")
     p.add_argument("--cpus-per-task", type=float, default=1,
                    help="cores (and torch/OpenMP threads) per Ray task (default 1)")
-    p.add_argument("--dry-run", action="store_true", help="list the jobs and stop")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the jobs and stop")
+    add_verbose(p)
     return p
 
 
@@ -106,9 +130,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return replace(cfg, **kw, source=str(args.config) if args.config else "flags")
 
 
-def sweep_main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``scripts/sweep.py``."""
-    p = _parser()
+def sweep_main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    """Entry point of ``patchbank sweep`` and ``scripts/sweep.py``."""
+    p = _parser(prog)
 
     def run(args: argparse.Namespace) -> None:
         from patchbank.sweep import run_sweep

@@ -7,19 +7,19 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from patchbank.cli.runtime import run_command
+from patchbank.cli.args import add_data_root
+from patchbank.cli.runtime import add_verbose, new_parser, run_command
 
 
-def synth_main(argv: Sequence[str] | None = None) -> None:
+def synth_main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     """Write MVTec-layout synthetic validation sets (``scripts/synth.py``)."""
     from patchbank.synth.dataset import DEFAULT_KINDS
     from patchbank.synth.generators import GENERATORS
 
-    p = argparse.ArgumentParser(
-        description="Write an MVTec-layout validation set whose defects are synthetic, made "
-                    "from a seeded held-out part of train/good (test images are never read).")
-    p.add_argument("--data-root", type=Path, default=None,
-                   help="dataset root in MVTec AD layout (default: the embedded demo dataset)")
+    p = new_parser(prog, "Write an MVTec-layout validation set whose defects are synthetic, "
+                   "made from a seeded held-out part of train/good (test images are never "
+                   "read).", "patchbank synth --category demo_object --out synth")
+    add_data_root(p)
     p.add_argument("--category", default="all", help="category name, comma list, or 'all'")
     p.add_argument("--out", type=Path, required=True,
                    help="output folder (gets <out>/<category>/...); must lie outside the dataset")
@@ -29,13 +29,14 @@ def synth_main(argv: Sequence[str] | None = None) -> None:
                    help="fraction of train/good held out: half test/good, half defect sources")
     p.add_argument("--max-holdout", type=int, default=None,
                    help="at most this many held-out images (caps the test set of big categories)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the hold-out and the defects")
     p.add_argument("--perlin-source", default="image", choices=["image", "procedural"],
                    help="texture of Perlin defects: another training image, or generated")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a synthetic set made with other settings")
-    p.add_argument("--fail-fast", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--fail-fast", action="store_true",
+                   help="stop at the first failing category")
+    add_verbose(p)
 
     def run(args: argparse.Namespace) -> None:
         from patchbank.cli.runtime import data_root, each_item
@@ -58,27 +59,29 @@ def synth_main(argv: Sequence[str] | None = None) -> None:
     run_command(p, run, argv)
 
 
-def select_main(argv: Sequence[str] | None = None) -> None:
+def select_main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     """Rank configurations on a synthetic validation set; compare with real metrics
     (``scripts/select_config.py``)."""
     from patchbank.synth.select import METRICS
 
-    p = argparse.ArgumentParser(
-        description="Pick backbone x method x setting per category from their metrics on a "
-                    "synthetic validation set (scores evaluated with scripts/run.py or "
-                    "score + evaluate); with --real-scores-dir, compare the pick with the "
-                    "oracle and the default on the real test set.")
+    p = new_parser(prog, "Pick backbone x method x setting per category from their metrics "
+                   "on a synthetic validation set (scores evaluated with patchbank run or "
+                   "score + evaluate); with --real-scores-dir, compare the pick with the "
+                   "oracle and the default on the real test set.",
+                   "patchbank select --scores-dir synth-scores --real-scores-dir scores")
     p.add_argument("--scores-dir", type=Path, required=True,
                    help="scores folder of runs evaluated on the synthetic set")
     p.add_argument("--real-scores-dir", type=Path, default=None,
                    help="scores folder of the same configurations evaluated on the real set")
     p.add_argument("--category", default="all", help="category name, comma list, or 'all'")
-    p.add_argument("--metric", default="image_auroc", choices=METRICS)
+    p.add_argument("--metric", default="image_auroc", choices=METRICS,
+                   help="metric that ranks the configurations")
     p.add_argument("--default", default="efficientnet_lite0/patchcore",
                    help="the fixed default configuration as backbone/method")
     p.add_argument("--top", type=int, default=5, help="configurations listed per category")
-    p.add_argument("--out", type=Path, default=None, help="also write the tables here (.md)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--out", type=Path, default=None,
+                   help="also write the tables to this Markdown file (default: print only)")
+    add_verbose(p)
 
     def run(args: argparse.Namespace) -> None:
         from patchbank.core.atomic import atomic_write_text
