@@ -14,6 +14,7 @@ run: $(STAMP)
 	$(PY) scripts/run.py $(ARGS)
 
 test: $(STAMP)
+	bash .ci/ensure-chromium
 	$(PY) -m ruff check src scripts tests
 	$(PY) -m pytest -q $(ARGS)
 

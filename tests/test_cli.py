@@ -85,6 +85,16 @@ def test_unknown_method_suggests_the_closest(tmp_path: Path,
     assert err.count("\n") == 0 and "did you mean 'patchcore'" in err
 
 
+def test_unknown_backbone_suggests_the_closest(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["extract", "--backbone", "dinov3", "--category", "demo_object", "--banks-dir",
+              str(tmp_path / "banks"), "--data-root", str(tmp_path)])
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "did you mean 'dinov2'" in err
+
+
 # --------------------------------------------------------------------------- run selection
 
 
@@ -131,6 +141,8 @@ def test_run_selection_errors_name_what_exists_and_what_to_run(scores: Path) -> 
     text = str(err.value)
     assert "no run of method 'knn'" in text and "patchcore-aaa-11111111 (patchcore" in text
     assert "`patchbank score --backbone toy --method knn --scores-dir" in text
+    with pytest.raises(ScoresError, match="did you mean 'patchcore'"):
+        find_runs(scores, "toy", method="patchcor")
     with pytest.raises(ScoresError, match="matches 2 runs"):
         find_runs(scores, "toy", run="patchcore-")
     with pytest.raises(ScoresError, match="pick one with --run NAME"):

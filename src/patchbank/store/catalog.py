@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from patchbank.core.errors import ScoresError
+from patchbank.core.errors import ScoresError, did_you_mean
 
 #: files whose presence makes a category folder part of a run (complete or not).
 RUN_MARKERS = ("run.json", "image_scores.csv", "maps.npz", "model.npz", "metrics.json")
@@ -114,7 +114,8 @@ def find_runs(scores_dir: Path, backbone: str, *, method: str | None = None,
         found = [r for r in runs if r.name == method and _has(r, cats)]
     if not found:
         raise ScoresError(
-            f"{folder}: no run of method {method!r}{where}; runs here: {_existing(runs)}; make "
+            f"{folder}: no run of method {method!r}{where}"
+            f"{did_you_mean(method, {r.method for r in runs})}; runs here: {_existing(runs)}; make "
             f"one with `{score_hint(scores_dir, backbone, method, cats[0] if cats else None)}`")
     return found
 
