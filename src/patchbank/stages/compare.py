@@ -99,12 +99,12 @@ def _aligned(category: str, names: Sequence[str], loaded: Sequence[ScoreRun],
     for name, run in zip(names, loaded, strict=True):
         paths = run.scores["path"].astype(str).tolist()
         if set(paths) != set(ref) or len(paths) != len(ref):
-            only_a, only_b = sorted(set(ref) - set(paths)), sorted(set(paths) - set(ref))
-            example = (only_a or only_b or ["(duplicates)"])[0]
-            raise ScoresError(
-                f"{category}: runs {names[0]} and {name} scored different test images "
-                f"({len(only_a)} only in the first, {len(only_b)} only in the second, e.g. "
-                f"{example}); score both on the same test set")
+            only = [(names[0], sorted(set(ref) - set(paths))), (name, sorted(set(paths) -
+                                                                           set(ref)))]
+            what = "; ".join(f"{len(o)} only in {n}, e.g. {o[0]}" for n, o in only if o) or \
+                f"{len(paths)} rows for {len(ref)} images"
+            raise ScoresError(f"{category}: runs {names[0]} and {name} scored different test "
+                              f"images ({what}); score both on the same test set")
         pos = {p: i for i, p in enumerate(paths)}
         order = np.array([pos[p] for p in ref], dtype=np.int64)
         labels = run.scores["label"].to_numpy(int)[order]
