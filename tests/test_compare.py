@@ -309,3 +309,42 @@ def test_padim_vs_patchcore_on_the_demo(tmp_path: Path) -> None:
         assert got["lo"] <= got["hi"]
     assert "| demo_object | image_auroc |" in (out / "compare.md").read_text()
     assert (out / "compare_forest.png").stat().st_size > 1000
+
+
+def test_pixel_replicates_plug_in_through_pixel_stats(monkeypatch) -> None:
+    import sys
+    import types
+
+    from patchbank.stages import compare as stage
+
+    rng = np.random.default_rng(5)
+    masks = [np.zeros((8, 8), bool) for _ in range(3)] + \
+        [np.pad(np.ones((3, 3), bool), ((i, 5 - i), (2, 3))) for i in range(3)]
+    maps = [rng.random((8, 8)) + 0.8 * m for m in masks]
+    point = metrics.pixel_metrics(masks, maps, progress=False)
+    weights = cmp.index_weights(cmp.stratified_indices([0, 0, 0, 1, 1, 1], 20, 0), 6)
+    monkeypatch.setitem(sys.modules, "patchbank.evaluation.bootstrap", None)  # not there
+    exact = stage._pixel_replicates(masks, maps, point, weights)
+    assert set(exact) >= set(cmp.PIXEL_METRICS)
+    repeated = [int(c) for c in weights[7]]
+    want = metrics.pixel_metrics(np.repeat(np.array(masks), repeated, axis=0),
+                                 np.repeat(np.array(maps), repeated, axis=0), progress=False)
+    assert exact["pro"][7] == pytest.approx(want["pro"], abs=1e-12)
+
+    class BiasedPixelStats:  # an approximation off by a constant: the stage removes it
+        def __init__(self, masks, maps) -> None:
+            self.masks, self.maps = masks, maps
+
+        def metrics(self, w) -> dict[str, float]:
+            k = np.asarray(w, dtype=int)
+            got = metrics.pixel_metrics(np.repeat(np.array(self.masks), k, axis=0),
+                                        np.repeat(np.array(self.maps), k, axis=0),
+                                        progress=False)
+            return {key: v + 0.01 for key, v in got.items()}
+
+    fake = types.ModuleType("patchbank.evaluation.bootstrap")
+    fake.PixelStats = BiasedPixelStats
+    monkeypatch.setitem(sys.modules, "patchbank.evaluation.bootstrap", fake)
+    shifted = stage._pixel_replicates(masks, maps, point, weights)
+    for key in cmp.PIXEL_METRICS:
+        assert np.allclose(shifted[key], exact[key], atol=1e-12)
