@@ -150,10 +150,9 @@ def stratified_indices(labels: Sequence | np.ndarray, n_boot: int,
 def index_weights(indices: np.ndarray, n: int) -> np.ndarray:
     """Image multiplicities ``(n_boot, n)`` of replicate index rows ``(n_boot, n)``."""
     idx = np.asarray(indices, dtype=np.int64)
-    rows = np.repeat(np.arange(idx.shape[0]), idx.shape[1])
-    out = np.zeros((idx.shape[0], n), dtype=np.float64)
-    np.add.at(out, (rows, idx.ravel()), 1.0)
-    return out
+    b = idx.shape[0]
+    flat = (idx + n * np.arange(b)[:, None]).ravel()
+    return np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
 
 
 class ImageStats:
@@ -175,19 +174,26 @@ class ImageStats:
 
     def metrics(self, weights: np.ndarray) -> dict[str, float]:
         """{image_auroc, image_ap, image_f1} with image ``i`` counted ``weights[i]`` times."""
-        w = np.asarray(weights, dtype=np.float64)[self._order]
-        tp = np.cumsum(np.where(self._y, w, 0.0))[self._ends]
-        fp = np.cumsum(np.where(self._y, 0.0, w))[self._ends]
-        n_pos, n_neg = tp[-1], fp[-1]
-        if n_pos <= 0 or n_neg <= 0:
-            return dict.fromkeys(IMAGE_METRICS, math.nan)
-        d_tp, d_fp = np.diff(tp, prepend=0.0), np.diff(fp, prepend=0.0)
-        auroc = float(np.dot(d_fp, tp - d_tp / 2.0) / (n_pos * n_neg))
-        called = tp + fp
-        precision = np.divide(tp, called, out=np.zeros_like(tp), where=called > 0)
-        ap = float(np.dot(d_tp, precision) / n_pos)
-        f1 = float(np.max(2.0 * tp / (called + n_pos)))
-        return {"image_auroc": auroc, "image_ap": ap, "image_f1": f1}
+        w = np.asarray(weights, dtype=np.float64).reshape(1, -1)
+        return {k: float(v[0]) for k, v in self.replicates(w).items()}
+
+    def replicates(self, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """:meth:`metrics` of every row of ``weights`` ``(B, n)`` at once, as ``(B,)`` arrays."""
+        w = np.asarray(weights, dtype=np.float64)[:, self._order]
+        tp = np.cumsum(np.where(self._y, w, 0.0), axis=1)[:, self._ends]
+        fp = np.cumsum(np.where(self._y, 0.0, w), axis=1)[:, self._ends]
+        n_pos, n_neg = tp[:, -1:], fp[:, -1:]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            d_tp = np.diff(tp, axis=1, prepend=0.0)
+            d_fp = np.diff(fp, axis=1, prepend=0.0)
+            auroc = (d_fp * (tp - d_tp / 2.0)).sum(axis=1) / (n_pos * n_neg)[:, 0]
+            called = tp + fp
+            precision = np.divide(tp, called, out=np.zeros_like(tp), where=called > 0)
+            ap = (d_tp * precision).sum(axis=1) / n_pos[:, 0]
+            f1 = (2.0 * tp / (called + n_pos)).max(axis=1)
+        bad = (n_pos[:, 0] <= 0) | (n_neg[:, 0] <= 0)
+        out = {"image_auroc": auroc, "image_ap": ap, "image_f1": f1}
+        return {k: np.where(bad, math.nan, v) for k, v in out.items()}
 
 
 def replicates(fn: ReplicateFn, weights: np.ndarray) -> dict[str, np.ndarray]:

@@ -158,7 +158,7 @@ def _run_stats(run: ScoreRun, order: np.ndarray, category: str, data_root: Path 
     f1 = metrics.best_f1(labels, scores)[0]
     point = {"image_auroc": metrics.image_auroc(labels, scores),
              "image_ap": metrics.image_ap(labels, scores), "image_f1": f1}
-    reps = stats.replicates(image.metrics, weights) if len(weights) else {}
+    reps = image.replicates(weights) if len(weights) else {}
     if pixel and run.maps is not None and (df["mask_path"] != "").any():
         masks, maps = masks_and_maps(run, category, data_root)
         masks, maps = [masks[i] for i in order], [maps[i] for i in order]
@@ -203,7 +203,6 @@ def _compare_category(scores_dir: Path, backbone: str, names: Sequence[str], cat
             pair = stats.paired_difference(a, b, ra.reps.get(metric), rb.reps.get(metric), ci)
             if metric == "image_auroc":
                 test = stats.delong(labels != 0, ra.scores, rb.scores)
-                pair.note = f"bootstrap p {pair.p:.3g}" if math.isfinite(pair.p) else ""
                 pair.p = test.p
             out[(i, j, metric)] = pair
     log.info("%s/%s: compared %d runs", backbone, category, len(names))
