@@ -321,10 +321,15 @@ def forest_plot(table: pd.DataFrame, path: Path, ci: float = 0.95) -> Path:
     cats = list(dict.fromkeys(table["category"]))
     labels = [c if len(pairs) == 1 else f"{c}: {a[:12]} − {b[:12]}" for c in cats
               for a, b in pairs]
-    fig = Figure(figsize=(3.0 * len(metrics_shown) + 2.0, 0.35 * len(labels) + 1.4), dpi=100)
+    ncols = min(3, len(metrics_shown))
+    nrows = math.ceil(len(metrics_shown) / ncols)
+    fig = Figure(figsize=(3.2 * ncols + 2.0, nrows * (0.35 * len(labels) + 1.6)), dpi=100)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(metrics_shown), sharey=True, squeeze=False)[0]
-    for ax, metric in zip(axes, metrics_shown, strict=True):
+    grid = fig.subplots(nrows, ncols, sharey=True, squeeze=False)
+    axes = grid.ravel()
+    for ax in axes[len(metrics_shown):]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes, metrics_shown, strict=False):
         part = shown[shown["metric"] == metric]
         for y, (c, (a, b)) in enumerate(itertools.product(cats, pairs)):
             row = part[(part["category"] == c) & (part["run_a"] == a) & (part["run_b"] == b)]
@@ -338,11 +343,13 @@ def forest_plot(table: pd.DataFrame, path: Path, ci: float = 0.95) -> Path:
         ax.axvline(0.0, color="grey", ls="--", lw=1)
         ax.set_title(metric, fontsize=10)
         ax.set_xlabel(f"a − b (points, {100 * ci:g} % CI)", fontsize=8)
-    axes[0].set_yticks(range(len(labels)), labels, fontsize=8)
+    for ax in grid[:, 0]:
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
     axes[0].invert_yaxis()
+    fig.tight_layout()
     if len(pairs) == 1:
         a, b = pairs[0]
-        fig.suptitle(f"{a} − {b}", fontsize=9)
+        fig.suptitle(f"{a} − {b}", fontsize=9, y=1.02)
     try:
         with atomic_open(path) as f:
             fig.savefig(f, format="png", bbox_inches="tight")
