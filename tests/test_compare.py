@@ -219,7 +219,8 @@ def test_identical_runs_give_zero_difference_and_p_one(tmp_path: Path) -> None:
     assert len(mean) == 3 and mean["p"].isna().all()  # Wilcoxon: no non-zero difference
     out = tmp_path / "toy" / "compare"
     assert pd.read_csv(out / "compare.csv").shape == table.shape
-    assert "Wilcoxon undefined" in (out / "compare.md").read_text()
+    md = (out / "compare.md").read_text()
+    assert "Wilcoxon undefined" in md and "smallest two-sided p possible is 0.5;" in md
     assert (out / "compare_forest.png").stat().st_size > 1000
 
 

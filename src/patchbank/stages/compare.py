@@ -304,6 +304,10 @@ def compare_markdown(table: pd.DataFrame, backbone: str, notes: Sequence[str], n
         p = "–" if not math.isfinite(r.p) else f"{r.p:.3g}"
         lines.append(f"| {r.category} | {r.metric} | {r.run_a} | {r.run_b} | {_pct(r.a)} | "
                      f"{_pct(r.b)} | {diff} | {p} |")
+    k = len(set(table["category"]) - {"mean"})
+    if k:
+        notes = [*notes, f"Wilcoxon over {k} categories: the smallest two-sided p possible is "
+                 f"{2 / 2 ** k:.3g}; read the mean's interval for fewer than 6 categories."]
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
     return "\n".join(lines) + "\n"
