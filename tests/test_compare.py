@@ -17,7 +17,8 @@ from patchbank.cli.compare import compare_main
 from patchbank.core.errors import ScoresError
 from patchbank.evaluation import compare as cmp
 from patchbank.evaluation import metrics
-from patchbank.stages.compare import COLUMNS, compare_runs, resolve_run
+from patchbank.stages.compare import COLUMNS, compare_runs
+from patchbank.store.catalog import resolve_run_name as resolve_run
 from patchbank.store.runs import SCORE_COLUMNS, RunPaths, write_run
 
 # --------------------------------------------------------------------------- DeLong
@@ -245,9 +246,10 @@ def test_run_names_resolve_by_unique_prefix(tmp_path: Path) -> None:
         image_run(tmp_path, name, [0.1, 0.9])
     assert resolve_run(tmp_path, "toy", "pad") == "padim-s256-aaa"
     assert resolve_run(tmp_path, "toy", "patchcore-s128") == "patchcore-s128-ccc"
-    with pytest.raises(ScoresError, match="matches 2 runs"):
+    assert resolve_run(tmp_path, "toy", "padim") == "padim-s256-aaa"  # its method's only run
+    with pytest.raises(ScoresError, match="2 runs of method 'patchcore'"):
         resolve_run(tmp_path, "toy", "patchcore")
-    with pytest.raises(ScoresError, match="no run named or starting with 'knn'"):
+    with pytest.raises(ScoresError, match="no run of method 'knn'"):
         resolve_run(tmp_path, "toy", "knn")
 
 

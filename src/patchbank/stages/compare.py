@@ -33,6 +33,7 @@ from patchbank.core.errors import ScoresError
 from patchbank.evaluation import compare as stats
 from patchbank.evaluation import metrics
 from patchbank.stages.evaluate import masks_and_maps
+from patchbank.store.catalog import resolve_run_name
 from patchbank.store.runs import RunPaths, ScoreRun, load_run
 
 log = logging.getLogger(__name__)
@@ -40,36 +41,9 @@ log = logging.getLogger(__name__)
 COLUMNS = ["category", "metric", "run_a", "run_b", "a", "b", "diff", "lo", "hi", "p"]
 METRICS = stats.IMAGE_METRICS + stats.PIXEL_METRICS
 #: Folder names under ``<scores_dir>/<backbone>`` that are never runs.
-NOT_RUNS = ("compare",)
 
 
 # --------------------------------------------------------------------------- runs
-
-
-def run_folders(scores_dir: Path, backbone: str) -> list[str]:
-    """Run folder names under ``<scores_dir>/<backbone>`` (those with a category's run.json)."""
-    root = Path(scores_dir, backbone)
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in NOT_RUNS
-                  and not p.name.startswith(".") and any(p.glob("*/run.json")))
-
-
-def resolve_run(scores_dir: Path, backbone: str, name: str) -> str:
-    """A run folder name from its name or a unique prefix of it (one-line ScoresError else)."""
-    # TODO(lead): replace with the shared resolver of patchbank.store.catalog once it exists.
-    names = run_folders(scores_dir, backbone)
-    if name in names:
-        return name
-    matches = [n for n in names if n.startswith(name)]
-    if len(matches) == 1:
-        return matches[0]
-    where = Path(scores_dir, backbone)
-    if not matches:
-        known = ", ".join(names) if names else "none"
-        raise ScoresError(f"{where}: no run named or starting with {name!r} (runs: {known})")
-    raise ScoresError(f"{where}: {name!r} matches {len(matches)} runs ({', '.join(matches)}); "
-                      "give more of the name")
 
 
 def _categories(scores_dir: Path, backbone: str, runs: Sequence[str],
@@ -223,7 +197,7 @@ def compare_runs(scores_dir: Path, backbone: str, runs: Sequence[str],
                           f"{stats.MIN_BOOT} replicates (1000 recommended)")
     if not 0.0 < ci < 1.0:
         raise ScoresError(f"confidence level {ci}: expected a value in (0, 1), e.g. 0.95")
-    names = list(dict.fromkeys(resolve_run(scores_dir, backbone, r) for r in runs))
+    names = list(dict.fromkeys(resolve_run_name(scores_dir, backbone, r) for r in runs))
     if len(names) < 2:
         raise ScoresError(f"--runs {','.join(runs)}: name at least two different runs")
     cats = _categories(scores_dir, backbone, names, categories)

@@ -130,3 +130,13 @@ def find_one_run(scores_dir: Path, backbone: str, *, method: str | None = None,
             f"{Path(scores_dir, backbone)}: {len(found)} runs of method {method!r}: "
             f"{'; '.join(r.describe() for r in found)}; pick one with --run NAME")
     return found[0]
+
+
+def resolve_run_name(scores_dir: Path, backbone: str, item: str,
+                     categories: Sequence[str] | None = None) -> str:
+    """One run from a run name, a unique prefix of one, or a method with exactly one run
+    (``compare --runs patchcore,padim``); a one-line :class:`ScoresError` otherwise."""
+    names = [r.name for r in list_runs(scores_dir, backbone)]
+    if item in names or sum(n.startswith(item) for n in names) == 1:
+        return find_runs(scores_dir, backbone, run=item, categories=categories)[0].name
+    return find_one_run(scores_dir, backbone, method=item, categories=categories).name
