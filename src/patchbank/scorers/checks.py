@@ -73,7 +73,7 @@ def _raises(fn: Callable[[], Any], types: tuple[type[BaseException], ...], what:
         _require(bool(text.strip()) and "\n" not in text.strip(),
                  f"{what} raised {type(err).__name__} without a one-line message: {text!r}")
         return text
-    except Exception as err:  # noqa: BLE001 - the point is to name what was raised instead
+    except Exception as err:  # not one of types: name what was raised instead
         raise AssertionError(f"{what} raised {type(err).__name__} ({_line(err)}); expected a "
                              f"clear {names}") from None
     raise AssertionError(f"{what} raised nothing; expected {names}")
@@ -133,7 +133,7 @@ def check_declarations(case: Case) -> None:
     _require(isinstance(name, str) and name.strip() == name and bool(name),
              f"name must be a non-empty string, got {name!r}")
     _require(SCORERS.get(name) is cls, f"not registered: SCORERS[{name!r}] is "
-             f"{SCORERS.get(name)!r}; add the class to patchbank.scorers.SCORERS")
+             f"{SCORERS.get(name)!r}; register it (patchbank.scorers.register_scorer)")
     _require(isinstance(cls.Params, type) and issubclass(cls.Params, Params)
              and dataclasses.is_dataclass(cls.Params)
              and cls.Params.__dataclass_params__.frozen,  # type: ignore[attr-defined]
@@ -215,16 +215,17 @@ def check_scores_and_maps(case: Case) -> None:
 
 
 def check_inputs_unchanged(case: Case) -> None:
-    """``fit()`` and ``score()`` leave the arrays they are given unchanged."""
-    train = {k: v.copy() for k, v in case.train.items()}
-    test = {k: v.copy() for k, v in case.test.items()}
-    scorer = case.make().fit(train)
-    scorer.score(test)
-    for role, given, kept in (("train", train, case.train), ("test", test, case.test)):
-        for layer in kept:
-            _require(np.array_equal(given[layer], kept[layer]),
-                     f"{'fit' if role == 'train' else 'score'}() changed the {role} bank's "
-                     f"layer {layer} in place")
+    """``fit()`` and ``score()`` leave the arrays they are given unchanged, taps or one array
+    (which, unlike several aligned taps, reaches ``_fit`` and ``_score`` uncopied)."""
+    for layers in ("auto", "3"):
+        train = {k: v.copy() for k, v in case.train.items()}
+        test = {k: v.copy() for k, v in case.test.items()}
+        case.make(layers=layers).fit(train).score(test)
+        for role, given, kept in (("train", train, case.train), ("test", test, case.test)):
+            for layer in kept:
+                _require(np.array_equal(given[layer], kept[layer]),
+                         f"{'fit' if role == 'train' else 'score'}() with layers={layers!r} "
+                         f"changed the {role} bank's layer {layer} in place")
 
 
 def check_determinism(case: Case) -> None:
@@ -369,7 +370,7 @@ def check_scorer(cls: type[Scorer], *, fast_params: Mapping[str, Any] | None = N
         case = Case(cls, {**dict(getattr(cls, "check_params", {})), **dict(fast_params or {})},
                     device)
         case.make()
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # e.g. an unknown key in check_params
         raise AssertionError(f"check_scorer {label}: cannot build it with its check_params: "
                              f"{type(err).__name__}: {_line(err)}") from None
     failed = []
@@ -378,7 +379,7 @@ def check_scorer(cls: type[Scorer], *, fast_params: Mapping[str, Any] | None = N
             check(case)
         except AssertionError as err:
             failed.append(f"{check.__name__}: {err}")
-        except Exception as err:  # noqa: BLE001 - any crash is a failed check, named
+        except Exception as err:  # any crash is a failed check, named
             failed.append(f"{check.__name__}: raised {type(err).__name__}: {_line(err)}")
     if failed:
         raise AssertionError(f"check_scorer {label}: {len(failed)} of {len(CHECKS)} checks "
