@@ -163,7 +163,7 @@ class AEParams(Params):
         self.require(0 < self.topk_frac <= 1, "topk_frac", "in (0, 1]")
 
 
-def _spans(n: int, size: int, least: int) -> list[tuple[int, int]]:
+def train_spans(n: int, size: int, least: int) -> list[tuple[int, int]]:
     """``batches(n, size)``, a last batch of fewer than ``least`` images merged into the one
     before it."""
     spans = list(batches(n, size))
@@ -290,7 +290,7 @@ class AutoencoderScorer(Scorer):
             self.net.train()
             order = fit_idx[rng.permutation(len(fit_idx))]
             total, count = 0.0, 0
-            for lo, hi in _spans(len(order), p.batch_size, min_batch):
+            for lo, hi in train_spans(len(order), p.batch_size, min_batch):
                 rows = np.sort(order[lo:hi])
                 t = self._tensor(train[rows], dev)
                 with amp:
