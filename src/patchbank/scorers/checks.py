@@ -10,11 +10,12 @@ looked up by the scorer's name, so a new scorer passes or fails with no test edi
     from patchbank.scorers.checks import check_scorer
     check_scorer(MyScorer)  # AssertionError listing every failed check
 
-The checks: declarations, parameters (round trip through ``make_scorer``, JSON and the
-command line's strings), ``clone()``, errors before fit, shapes and dtypes of scores and maps,
-inputs left unchanged, seeded determinism, save -> ``load_scorer``, the layers chosen, the
-aligned taps (unless ``multi_tap``), ``min_train``, and clear errors on bad banks at fit and
-at score time.
+The checks (:data:`CHECKS`, one function each): declarations, parameters (round trip through
+``make_scorer``, JSON and the command line's strings), ``clone()``, errors before fit, shapes
+and dtypes of scores and maps, inputs left unchanged, seeded determinism (and, if ``trained``,
+a seed that matters), save -> ``load_scorer`` (equal within ``reload_rtol``), scores that do
+not depend on the batch, the layers chosen, the aligned taps (unless ``multi_tap``),
+``min_train``, and clear errors (PatchbankError, one line) on bad banks at fit and score time.
 """
 
 from __future__ import annotations
