@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from patchbank.core.errors import BankError
 from patchbank.features.spec import ExtractSpec
 from patchbank.scorers import load_scorer, make_scorer
-from patchbank.scorers.autoencoder import FeatureCAE, pca_latent
+from patchbank.scorers.autoencoder import FeatureCAE, pca_latent, train_spans
 from patchbank.scorers.knn import top_sigma_channels
 from patchbank.stages.extract import ExtractConfig, extract
 from patchbank.store.banks import load_bank
@@ -151,6 +152,28 @@ def test_save_restore_round_trip(tmp_path: Path) -> None:
         assert m1.shape == te.shape[:3]
         np.testing.assert_array_equal(s1, s2)
         np.testing.assert_array_equal(m1, m2)
+
+
+def test_a_one_cell_bottleneck_never_trains_batchnorm_on_one_image() -> None:
+    # ae_pixels at depth 3 on an 8x8 grid has a 1x1 bottleneck, where training BatchNorm on a
+    # batch of one image fails: a last batch of one joins the batch before it
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(9, 8, 8, 3)).astype(np.float16)
+    params = {"max_epochs": 2, "batch_size": 8, "val_frac": 0.0, "width": 4}
+    s = make_scorer("ae_pixels", params, device="cpu").fit(train)
+    assert s.epochs_run_ == 2 and np.isfinite(s.score(train)[0]).all()
+    assert train_spans(9, 8, 2) == [(0, 9)] and train_spans(9, 8, 1) == [(0, 8), (8, 9)]
+    assert train_spans(10, 8, 2) == [(0, 8), (8, 10)] and train_spans(1, 8, 2) == [(0, 1)]
+    # nor a hold-out that leaves one image to fit on
+    s = make_scorer("ae_pixels", {**params, "val_frac": 0.5}, device="cpu").fit(train[:2])
+    assert s.history_["val"] == [] and s.epochs_run_ == 2
+    with pytest.raises(BankError, match="ae_pixels needs at least 2 training images"):
+        make_scorer("ae_pixels", device="cpu").fit(train[:1])
+    with pytest.raises(ValueError, match=r"the 1x1 grid gives a 1x1 BatchNorm bottleneck, which "
+                                         r"needs at least 2 training images, got 1"):
+        make_scorer("ae_features", {"max_epochs": 1}, device="cpu").fit(train[:1, :1, :1])
+    assert make_scorer("ae_features", {"max_epochs": 1, "batch_norm": False}, device="cpu").fit(
+        train[:1, :1, :1]).epochs_run_ == 1
 
 
 @pytest.mark.parametrize("params, key", [({"kernel": 2}, "kernel"), ({"lr": 0}, "lr"),

@@ -326,6 +326,13 @@ def test_reweighting_with_n_reweight_3_follows_eq_7() -> None:
         assert s[0] == pytest.approx(0.25, abs=1e-6)
 
 
+def test_the_paper_methods_maps_are_smoothed_with_sigma_4() -> None:
+    # PatchCore, PaDiM, SPADE and AnomalyDINO smooth their upsampled maps with a Gaussian of
+    # sigma 4 (px at the model input), as does the patch k-NN baseline
+    for name in ("knn", "padim", "patchcore", "spade", "anomalydino"):
+        assert make_scorer(name).map_sigma == 4.0, name
+
+
 # ---------------------------------------------------------------- (e) choose_layers
 
 

@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 from patchbank.core.errors import BankError, PatchbankError
 from patchbank.scorers import SCORERS, make_scorer
 from patchbank.scorers.base import coerce_param
+from patchbank.scorers.checks import POLICY_LAYERS
 from patchbank.scorers.coreset import coreset_indices, greedy_kcenter
 from patchbank.scorers.neighbors import FlatIndex, knn
 from patchbank.scorers.padim import GaussianAccumulator, PaDiMScorer, default_d
@@ -251,8 +252,8 @@ def test_aggregation_modes_on_a_3x3_grid() -> None:
 # ---------------------------------------------------------------- every method
 
 
-# the trained autoencoders (ae_*) are covered with fast settings in test_autoencoder.py
-NOT_TRAINED = [n for n in SCORERS if not n.startswith("ae_")]
+# trained scorers (the autoencoders) are covered with fast settings in test_autoencoder.py
+NOT_TRAINED = [n for n, cls in SCORERS.items() if not cls.trained]
 
 
 @pytest.mark.parametrize("name,params", [(n, {}) for n in NOT_TRAINED]
@@ -267,7 +268,6 @@ def test_every_method_ranks_injected_anomalies_first(name: str, params: dict) ->
     assert roc_auc_score(labels, scores) == 1.0
     if scorer.pixel_level:
         assert maps is not None and maps.shape == (len(test), H, W) and maps.dtype == np.float32
-        assert scorer.map_sigma == 4.0
         # the map peaks at the injected patch (PatchCore's 3x3 aggregation spreads it equally
         # over the patch's neighbours, so there any cell next to it may win)
         tol = 1 if name == "patchcore" else 0
@@ -276,6 +276,11 @@ def test_every_method_ranks_injected_anomalies_first(name: str, params: dict) ->
             assert max(abs(int(p) - a) for p, a in zip(peak, ANOMALY_AT, strict=True)) <= tol, peak
     else:
         assert maps is None
+
+
+#: grid side of each tap of :func:`synthetic_taps`, and the region its anomalies shift
+TAP_SIDES = {1: 8, 2: 4, 3: 2}
+TAP_ANOMALY = {1: ((2, 4), (4, 6)), 2: ((1, 2), (2, 3)), 3: ((0, 1), (1, 2))}
 
 
 def synthetic_taps(n_train: int = 20, n_good: int = 6, n_bad: int = 6, seed: int = 0):
@@ -300,29 +305,23 @@ def synthetic_taps(n_train: int = 20, n_good: int = 6, n_bad: int = 6, seed: int
 def test_every_method_on_taps_at_their_own_resolutions(name: str) -> None:
     train, test, labels = synthetic_taps()
     scorer = make_scorer(name, device="cpu").fit(train)
-    # PaDiM: every tap; AnomalyDINO: the last one; the others: the coarse ones
-    want = {"padim": (1, 2, 3), "anomalydino": (3,)}.get(name, (2, 3))
+    # the layers of its tap_policy: "all" (PaDiM), "last" (AnomalyDINO) or "coarse" (2, 3)
+    want = POLICY_LAYERS[scorer.tap_policy]
     assert scorer.layers_ == want
     scores, maps = scorer.score(test)
     assert scores.shape == (len(labels),) and np.isfinite(scores).all()
     assert roc_auc_score(labels, scores) == 1.0
     if scorer.pixel_level:
-        side = {"padim": 8, "anomalydino": 2}.get(name, 4)  # the finest chosen tap's grid
+        side = TAP_SIDES[want[0]]  # the finest chosen tap's grid
         assert maps.shape == (len(labels), side, side) and maps.dtype == np.float32
         for m in maps[labels == 1]:
             peak = np.unravel_index(m.argmax(), m.shape)
-            region = {"padim": ((2, 4), (4, 6)), "anomalydino": ((0, 1), (1, 2))}.get(
-                name, ((1, 2), (2, 3)))
+            region = TAP_ANOMALY[want[0]]
             tol = 1 if name == "patchcore" else 0  # 3x3 neighbourhoods spread the anomaly
             assert all(lo - tol <= p < hi + tol
                        for p, (lo, hi) in zip(peak, region, strict=True)), peak
     else:
         assert maps is None
-    # explicit layers: one tap only, used as it is
-    one = make_scorer(name, {"layers": "3"}, device="cpu").fit(train)
-    assert one.layers_ == (3,)
-    s, m = one.score(test)
-    assert s.shape == (len(labels),) and (m is None or m.shape[1:] == (2, 2))
 
 
 def test_bank_errors() -> None:
@@ -374,9 +373,7 @@ def test_make_scorer_parses_strings_to_the_default_types() -> None:
     assert make_scorer("patchcore", {"coreset": "0.25"}).params["coreset"] == 0.25
     assert coerce_param("m", "flag", "true", (bool,)) is True
     assert coerce_param("m", "flag", "False", (bool,)) is False
-    for name in SCORERS:  # resolved params feed back unchanged (as the score stage does)
-        s = make_scorer(name)
-        assert make_scorer(name, s.params).params == s.params
+    # that every method's resolved params feed back unchanged: check_params_round_trip
 
 
 def test_make_scorer_rejects_unknown_methods_keys_and_bad_values() -> None:

@@ -32,12 +32,31 @@ from patchbank.scorers.padim import PaDiMScorer
 from patchbank.scorers.patchcore import PatchCoreScorer
 from patchbank.scorers.spade import SPADEScorer
 
-SCORERS: dict[str, type[Scorer]] = {
-    cls.name: cls
-    for cls in (KNNScorer, PaDiMScorer, PatchCoreScorer, SPADEScorer, AnomalyDINOScorer,
-                MahalanobisScorer, OCSVMScorer, IForestScorer, LOFScorer, EllipticScorer,
-                KMeansScorer, FeatureAEScorer, PixelAEScorer)
-}
+#: every scoring method by name (what ``--method`` takes): see :func:`register_scorer`.
+SCORERS: dict[str, type[Scorer]] = {}
+
+
+def register_scorer(cls: type[Scorer]) -> type[Scorer]:
+    """Add scorer class ``cls`` to :data:`SCORERS` under its ``name`` and return it (usable as
+    a class decorator outside this package). A name another class holds -> ValueError."""
+    if not (isinstance(cls, type) and issubclass(cls, Scorer)):
+        raise TypeError(f"register_scorer takes a Scorer subclass, got {cls!r}")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{cls.__name__}: set the ClassVar name (the --method it answers to)")
+    if SCORERS.get(name, cls) is not cls:
+        raise ValueError(f"{cls.__name__}: method name {name!r} is taken by "
+                         f"{SCORERS[name].__name__}; choose another name")
+    SCORERS[name] = cls
+    return cls
+
+
+# the built-in methods, in the order --help lists them: a new one is one more entry here
+for _cls in (KNNScorer, PaDiMScorer, PatchCoreScorer, SPADEScorer, AnomalyDINOScorer,
+             MahalanobisScorer, OCSVMScorer, IForestScorer, LOFScorer, EllipticScorer,
+             KMeansScorer, FeatureAEScorer, PixelAEScorer):
+    register_scorer(_cls)
+del _cls
 
 
 def make_scorer(name: str, params: Mapping[str, str | int | float | bool | None] | None = None,
@@ -87,4 +106,5 @@ def load_scorer(path: Path, device: str = "auto") -> Scorer:
         raise ScoresError(f"{path}: inconsistent model ({err}); {hint}") from None
 
 
-__all__ = ["SCORERS", "PooledScorer", "Scorer", "load_scorer", "make_scorer", "methods_help"]
+__all__ = ["SCORERS", "PooledScorer", "Scorer", "load_scorer", "make_scorer", "methods_help",
+           "register_scorer"]

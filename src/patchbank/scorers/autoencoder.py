@@ -163,6 +163,15 @@ class AEParams(Params):
         self.require(0 < self.topk_frac <= 1, "topk_frac", "in (0, 1]")
 
 
+def train_spans(n: int, size: int, least: int) -> list[tuple[int, int]]:
+    """``batches(n, size)``, a last batch of fewer than ``least`` images merged into the one
+    before it."""
+    spans = list(batches(n, size))
+    if len(spans) > 1 and spans[-1][1] - spans[-1][0] < least:
+        spans[-2:] = [(spans[-2][0], n)]
+    return spans
+
+
 class AutoencoderScorer(Scorer):
     """Fit = train a conv autoencoder on the train bank's (aligned) taps; map = per-cell squared
     L2 reconstruction error over channels; image score = its max (or top-k mean)."""
@@ -171,6 +180,8 @@ class AutoencoderScorer(Scorer):
     map_sigma: ClassVar[float] = 0.0
     tap_policy: ClassVar[str] = "all"
     min_train: ClassVar[int] = 1
+    trained: ClassVar[bool] = True
+    check_params: ClassVar[Mapping[str, Any]] = {"max_epochs": 2, "lr": 1e-2, "batch_size": 8}
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
@@ -188,6 +199,10 @@ class AutoencoderScorer(Scorer):
         raise NotImplementedError
 
     def _build(self, arch: np.ndarray) -> nn.Module:
+        raise NotImplementedError
+
+    def _bottleneck(self, h: int, w: int) -> tuple[int, int] | None:
+        """The grid of the narrowest BatchNorm for (h, w) inputs; None without BatchNorm."""
         raise NotImplementedError
 
     # -- helpers ---------------------------------------------------------------------------
@@ -225,10 +240,24 @@ class AutoencoderScorer(Scorer):
         return out
 
     # -- fit -------------------------------------------------------------------------------
-    def _split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Seeded (fit, validation) image indices; no validation below 2 images or val_frac 0."""
+    def _min_batch(self, train: np.ndarray) -> int:
+        """Images a training batch needs: 2 when a BatchNorm sees one cell per image (training
+        BatchNorm on a single value per channel is undefined), else 1."""
+        grid = self._bottleneck(*train.shape[1:3])
+        if grid is None or grid[0] * grid[1] > 1:
+            return 1
+        if len(train) < 2:
+            raise ValueError(f"{self.name}: the {train.shape[1]}x{train.shape[2]} grid gives a "
+                             f"{grid[0]}x{grid[1]} BatchNorm bottleneck, which needs at least 2 "
+                             f"training images, got {len(train)}: add training images"
+                             + (" or lower 'depth'" if "depth" in self.params else ""))
+        return 2
+
+    def _split(self, n: int, keep: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Seeded (fit, validation) image indices; no validation below 2 images, with
+        val_frac 0, or when fewer than ``keep`` images would be left to fit on."""
         n_val = int(round(n * self.p.val_frac))
-        if n_val < 1 or n - n_val < 1:
+        if n_val < 1 or n - n_val < max(1, keep):
             return np.arange(n), np.arange(0)
         order = np.random.default_rng(self.p.seed).permutation(n)
         return np.sort(order[n_val:]), np.sort(order[:n_val])
@@ -236,7 +265,8 @@ class AutoencoderScorer(Scorer):
     def _fit(self, train: np.ndarray) -> None:
         p = self.p
         dev = torch.device(self.device)
-        fit_idx, val_idx = self._split(len(train))
+        min_batch = self._min_batch(train)
+        fit_idx, val_idx = self._split(len(train), min_batch)
         self._mean = self._std = None
         if p.standardize:
             z = np.asarray(train[fit_idx], dtype=np.float64).reshape(-1, train.shape[-1])
@@ -260,7 +290,7 @@ class AutoencoderScorer(Scorer):
             self.net.train()
             order = fit_idx[rng.permutation(len(fit_idx))]
             total, count = 0.0, 0
-            for lo, hi in batches(len(order), p.batch_size):
+            for lo, hi in train_spans(len(order), p.batch_size, min_batch):
                 rows = np.sort(order[lo:hi])
                 t = self._tensor(train[rows], dev)
                 with amp:
@@ -366,12 +396,19 @@ class FeatureAEScorer(AutoencoderScorer):
     def _build(self, arch: np.ndarray) -> nn.Module:
         return FeatureCAE(int(arch[0]), int(arch[1]), self.p.kernel, self.p.batch_norm)
 
+    def _bottleneck(self, h: int, w: int) -> tuple[int, int] | None:
+        return (h, w) if self.p.batch_norm else None
+
 
 class PixelAEScorer(AutoencoderScorer):
     """A small conv autoencoder on a raw-pixel bank (``extract --backbone pixels``): map =
     per-cell squared reconstruction error over the colour channels."""
 
     name: ClassVar[str] = "ae_pixels"
+    #: on grids of at most 2^depth cells a side the bottleneck is 1x1, and its BatchNorm
+    #: cannot train on one image.
+    min_train: ClassVar[int] = 2
+    check_params: ClassVar[Mapping[str, Any]] = {**AutoencoderScorer.check_params, "width": 4}
 
     @dataclass(frozen=True)
     class Params(AEParams):
@@ -398,3 +435,8 @@ class PixelAEScorer(AutoencoderScorer):
 
     def _build(self, arch: np.ndarray) -> nn.Module:
         return PixelCAE(*(int(v) for v in arch))
+
+    def _bottleneck(self, h: int, w: int) -> tuple[int, int]:
+        # the input is padded to a multiple of 2^depth, then halved depth times
+        f = 2 ** self.p.depth
+        return -(-h // f), -(-w // f)

@@ -248,7 +248,8 @@ class Scorer(ABC):
     Subclasses set ``name``, ``Params`` (a frozen :class:`Params` dataclass: every parameter,
     typed, with its default), ``pixel_level`` and ``map_sigma``, and implement ``_fit`` /
     ``_score``. Taps are aligned with ``upsample`` unless ``multi_tap`` (then ``_fit`` /
-    ``_score`` receive the list of chosen taps).
+    ``_score`` receive the list of chosen taps). ``patchbank.scorers.checks.check_scorer``
+    checks a subclass against these declarations.
     """
 
     name: ClassVar[str]
@@ -263,6 +264,15 @@ class Scorer(ABC):
     tap_policy: ClassVar[str] = "coarse"
     upsample: ClassVar[str] = "bilinear"
     multi_tap: ClassVar[bool] = False
+    #: a trained network (seeded by the ``seed`` parameter): slow to fit, its results depend on
+    #: the seed.
+    trained: ClassVar[bool] = False
+    #: parameters that make a fit on a few tiny images quick (e.g. few epochs), used by
+    #: ``check_scorer`` and tests; empty for methods that are quick anyway.
+    check_params: ClassVar[Mapping[str, Any]] = types.MappingProxyType({})
+    #: relative difference allowed between scores (and maps) before and after save ->
+    #: ``load_scorer``, times the largest one: 0.0 = identical.
+    reload_rtol: ClassVar[float] = 0.0
 
     def __init__(self, *, device: str = "auto", **params: Any) -> None:
         self.p = self.Params.parse(self.name, params)

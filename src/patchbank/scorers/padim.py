@@ -123,6 +123,8 @@ class PaDiMScorer(Scorer):
     #: cells replicated onto the finest grid (nearest), as the reference code's embedding_concat.
     tap_policy: ClassVar[str] = "all"
     upsample: ClassVar[str] = "nearest"
+    #: the Cholesky factors are saved in float32 (see ``_state``).
+    reload_rtol: ClassVar[float] = 1e-5
     #: images per fit batch; None -> min(d // 4, what fits in BATCH_BYTES), so a batch is at most
     #: a quarter of the model's size.
     batch_images: int | None = None
