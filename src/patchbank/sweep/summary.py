@@ -5,8 +5,9 @@ setting, bank, category, method, ``params`` as JSON plus one ``param.<key>`` col
 key, shots, seed, holdout), the run folder, what each stage did (``score_status``,
 ``eval_status``: computed / skipped / ...), every metric of the evaluate stage, the fit and
 score times recorded in ``run.json``, and ``job_s`` (this sweep's wall time for the job).
-``<name>.md``: per backbone x method x parameters x shots, mean ± std over seeds (after
-averaging categories) of image AUROC, pixel AUROC and PRO. Figures: ``<name>_heatmap.png``
+``<name>.md`` and ``<name>_seeds.csv``: per backbone x method x parameters x shots, mean ± std
+and the 95 % Student-t interval over seeds (after averaging categories) of image AUROC, pixel
+AUROC and PRO. Figures: ``<name>_heatmap.png``
 (method x category, at the largest shots) and ``<name>_shots.png`` (metric vs shots, seed
 spread as error bars).
 """
@@ -23,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from patchbank.core.atomic import atomic_path, atomic_write_text
+from patchbank.evaluation import seeds
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +63,14 @@ def sweep_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
 
 
 def seed_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over seeds (categories averaged first) of the summary metrics, per
-    backbone x setting x method x parameters x shots; ``n_seeds`` counted."""
+    """Mean, std and 95 % Student-t interval over seeds (categories averaged first) of the
+    summary metrics, per backbone x setting x method x parameters x shots; ``n_seeds`` counted
+    (columns ``<m>_mean``, ``<m>_std``, ``<m>_t_lo``, ``<m>_t_hi``, ``<m>_n``, see
+    :func:`patchbank.evaluation.seeds.seed_summary`)."""
     ok = table[table["error"].isna()] if "error" in table else table
     keys = ["backbone", "bank", "method", "params", "shots"]
     per_seed = ok.groupby(keys + ["seed"], dropna=False)[list(SUMMARY_METRICS)].mean()
-    grouped = per_seed.groupby(level=keys, dropna=False)
-    out = grouped.mean().add_suffix("_mean").join(grouped.std(ddof=1).add_suffix("_std"))
-    out["n_seeds"] = grouped.size()
-    out = out.reset_index()
+    out = seeds.seed_summary(per_seed.reset_index(), SUMMARY_METRICS, keys)
     order = {s: i for i, s in enumerate(shots_order(out["shots"].astype(str)))}
     out = out.assign(_o=out["shots"].map(order)).sort_values(keys[:-1] + ["_o"])
     return out.drop(columns="_o").reset_index(drop=True)
@@ -77,12 +78,13 @@ def seed_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 def summary_markdown(summary: pd.DataFrame) -> str:
     """Compact Markdown: one row per backbone x method (x parameters) x shots, metrics in %
-    as mean ± std over seeds."""
+    as mean ± std over seeds, then the 95 % t-intervals over seeds (– for a single seed)."""
     multi_bank = summary.groupby("backbone")["bank"].nunique().max() > 1
     multi_params = summary.groupby("method")["params"].nunique().max() > 1
     head = ["backbone"] + (["bank"] if multi_bank else []) + ["method"] + \
         (["params"] if multi_params else []) + ["shots"] + \
-        [LABELS[m] for m in SUMMARY_METRICS] + ["seeds"]
+        [LABELS[m] for m in SUMMARY_METRICS] + ["seeds"] + \
+        [f"{LABELS[m]} seed 95 % t" for m in SUMMARY_METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in summary.iterrows():
         cells = [r["backbone"]] + ([str(r["bank"])] if multi_bank else []) + [r["method"]] + \
@@ -96,6 +98,9 @@ def summary_markdown(summary: pd.DataFrame) -> str:
             else:
                 cells.append(f"{100 * mean:.1f}")
         cells.append(str(int(r["n_seeds"])))
+        for m in SUMMARY_METRICS:
+            lo, hi = r[f"{m}_t_lo"], r[f"{m}_t_hi"]
+            cells.append("–" if pd.isna(lo) else f"[{100 * lo:.1f}, {100 * hi:.1f}]")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -199,8 +204,11 @@ def write_summary(table: pd.DataFrame, out_dir: Path, name: str,
     ok = table[table["error"].isna()] if not table.empty else table
     if ok.empty or ok["image_auroc"].isna().all():
         return written
-    written["md"] = atomic_write_text(out_dir / f"{name}.md",
-                                      summary_markdown(seed_summary(table)))
+    summary = seed_summary(table)
+    written["seeds"] = out_dir / f"{name}_seeds.csv"
+    with atomic_path(written["seeds"]) as tmp:
+        summary.to_csv(tmp, index=False, float_format="%.6g")
+    written["md"] = atomic_write_text(out_dir / f"{name}.md", summary_markdown(summary))
     if figures:
         written["heatmap"] = heatmap_figure(table, out_dir / f"{name}_heatmap.png")
         written["shots"] = shots_figure(table, out_dir / f"{name}_shots.png")
