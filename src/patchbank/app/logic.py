@@ -369,17 +369,6 @@ def safe_pixel_threshold(model: RunModel, spec: str | float = "auto",
         return None, str(err)
 
 
-def results_table(preds: Sequence[Prediction], names: Sequence[str]) -> pd.DataFrame:
-    """One row per prediction, highest score first."""
-    rows = []
-    for pred, name in zip(preds, names, strict=True):
-        row = pred.row()
-        row["path"] = name
-        rows.append(row)
-    df = pd.DataFrame(rows).rename(columns={"path": "image"})
-    return df.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
-
-
 def table_csv(df: pd.DataFrame) -> bytes:
     return df.to_csv(index=False).encode()
 

@@ -147,6 +147,36 @@ def header_size(path: Path) -> tuple[int, int]:
         return img.size
 
 
+def _test_samples(ddir: Path, category: str, gt_dir: Path, with_masks: bool) -> list[Sample]:
+    """The test samples of one ``test/<defect_type>`` folder, each defective image's mask found
+    and size-checked when the category has ``ground_truth/``."""
+    images = _images_in(ddir)
+    if not images:
+        raise DatasetError(
+            f"{ddir}: folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+            "add images or remove the folder"
+        )
+    defect = ddir.name
+    label = 0 if defect == GOOD else 1
+    masks = _mask_index(gt_dir / defect) if label == 1 and with_masks else {}
+    samples: list[Sample] = []
+    for img in images:
+        mask: Path | None = None
+        if label == 1 and with_masks:
+            mask = masks.get(img.stem)
+            if mask is None:
+                expected = gt_dir / defect / f"{img.stem}_mask.png"
+                raise DatasetError(
+                    f"{expected}: mask missing for defective image {img}; add the mask "
+                    "or remove the ground_truth folder for image-level results only"
+                )
+            img_size, mask_size = header_size(img), header_size(mask)
+            if img_size != mask_size:
+                raise DatasetError(_size_message(mask, mask_size, img_size))
+        samples.append(Sample(img, category, "test", defect, label, mask))
+    return samples
+
+
 def discover(root: Path, category: str, split: str) -> list[Sample]:
     """List the samples of one split, sorted by (defect_type, file name), validating the layout.
 
@@ -195,31 +225,7 @@ def discover(root: Path, category: str, split: str) -> list[Sample]:
         )
     gt_dir = cat_dir / "ground_truth"
     with_masks = gt_dir.is_dir()
-    samples: list[Sample] = []
-    for ddir in defect_dirs:
-        images = _images_in(ddir)
-        if not images:
-            raise DatasetError(
-                f"{ddir}: folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
-                "add images or remove the folder"
-            )
-        defect = ddir.name
-        label = 0 if defect == GOOD else 1
-        masks = _mask_index(gt_dir / defect) if label == 1 and with_masks else {}
-        for img in images:
-            mask: Path | None = None
-            if label == 1 and with_masks:
-                mask = masks.get(img.stem)
-                if mask is None:
-                    expected = gt_dir / defect / f"{img.stem}_mask.png"
-                    raise DatasetError(
-                        f"{expected}: mask missing for defective image {img}; add the mask "
-                        "or remove the ground_truth folder for image-level results only"
-                    )
-                img_size, mask_size = header_size(img), header_size(mask)
-                if img_size != mask_size:
-                    raise DatasetError(_size_message(mask, mask_size, img_size))
-            samples.append(Sample(img, category, "test", defect, label, mask))
+    samples = [s for ddir in defect_dirs for s in _test_samples(ddir, category, gt_dir, with_masks)]
     logger.debug(
         "%s/test: %d images (%d defective) in %d folders",
         category,

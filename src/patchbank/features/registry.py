@@ -31,7 +31,8 @@ class BackboneSpec:
     """How one backbone is built and fed (defaults; callers may override layers/size/norm)."""
 
     name: str
-    # "cnn" (timm features_only) | "vit" (timm ViT) | "mae" (transformers ViTMAE) | "pixels"
+    #: The :data:`patchbank.features.families.FAMILIES` key that builds it: "cnn" (timm
+    #: features_only), "vit" (timm ViT), "mae" (transformers ViTMAE), "pixels".
     family: str
     model_id: str  # timm model name (optionally .tag) or Hugging Face repo id
     layers: tuple[int, ...]

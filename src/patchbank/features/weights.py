@@ -152,8 +152,10 @@ def hub_error(backbone: str, model_id: str, err: Exception) -> WeightsError:
         "untrained model")
 
 
-def weights_mode(spec: BackboneSpec, weights: str) -> tuple[str, Path | None]:
-    """('hub' | 'random' | 'pypi' | 'file', path) for the ``weights`` argument."""
+def weights_mode(spec: BackboneSpec, weights: str,
+                 accepts_dir: bool = False) -> tuple[str, Path | None]:
+    """('hub' | 'random' | 'pypi' | 'file', path) for the ``weights`` argument; a directory
+    path only when ``accepts_dir`` (the family loads model folders)."""
     if weights == "random":
         return "random", None
     if weights in ("hub", "pypi"):
@@ -169,17 +171,10 @@ def weights_mode(spec: BackboneSpec, weights: str) -> tuple[str, Path | None]:
     if not path.exists():
         raise WeightsError(f"{spec.name}: weights file {path} does not exist; pass --weights PATH "
                            "to an existing file, --weights hub or --weights random")
-    if path.is_dir() and spec.family != "mae":
+    if path.is_dir() and not accepts_dir:
         raise WeightsError(f"{spec.name}: weights path {path} is a directory; pass a "
                            ".pth/.pt/.bin/.safetensors state-dict file")
     return "file", path
-
-
-def check_layers(spec: BackboneSpec, layers: tuple[int, ...], n: int) -> None:
-    if not layers or min(layers) < 0 or max(layers) >= n:
-        kind = "features_only out_indices" if spec.family == "cnn" else "block indices"
-        raise WeightsError(f"{spec.name}: layers {list(layers)} out of range; valid {kind} are "
-                           f"0..{n - 1}; pass --layers within that range")
 
 
 def _timm_weights_id(model: nn.Module, model_id: str) -> str:

@@ -215,110 +215,149 @@ def _greedy_pruned(x: np.ndarray, sq: np.ndarray, n: int, start: int,
     Bounds are compared with a margin ``slack`` far above their float32 rounding, so the picks
     are those of the float64 greedy (the same as :func:`_greedy_lazy`'s).
     """
-    m, dim = x.shape
-    x1, x2 = contract(x, dims) if len(dims) == 2 else (contract(x, dims)[0], None)
-    groups = kd_blocks(x1, leaf)
-    perm = np.concatenate(groups)
-    sizes = np.array([len(g) for g in groups])
-    ends = np.cumsum(sizes)
-    starts = ends - sizes
-    nb = len(groups)
-    xp, sqp, x1 = x[perm], sq[perm], x1[perm]
-    box_lo = np.minimum.reduceat(x1, starts, axis=0)
-    box_hi = np.maximum.reduceat(x1, starts, axis=0)
-    slack = 1e-4 * float(sq.max()) + 1e-30
+    return _PrunedGreedy(x, sq, n, leaf, dims).run(start, mind0, bar)
 
-    def augment(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[z, 1] for points, and |z|^2, so that [z, 1] . [-2 c, |c|^2] + |z|^2 = |z - c|^2."""
-        return (np.concatenate([z, np.ones((len(z), 1), np.float32)], axis=1),
-                np.einsum("ij,ij->i", z, z))
 
-    # compared with |c|^2 - 2 x.c: mind - |x|^2 + slack
-    xa1, xsq1 = augment(x1)
-    off1 = (slack - xsq1).astype(np.float32)
-    xa2 = ca2 = None
-    if x2 is not None:
-        xa2, xsq2 = augment(x2[perm])
-        off2 = slack - xsq2
-        ca2 = np.empty((n, x2.shape[1] + 1), dtype=np.float32)
-        del x2
-    centres = np.empty((n, dim), dtype=x.dtype)
-    csq = np.empty(n, dtype=x.dtype)
-    c1 = np.empty((n, x1.shape[1]), dtype=np.float32)
-    ca1 = np.empty((n, x1.shape[1] + 1), dtype=np.float32)
-    sel = np.empty(n, dtype=np.int64)
-    ub = np.empty(nb)  # upper bound of each block's max min-distance (exact when done == t)
-    arg = np.empty(nb, dtype=np.int64)  # position of the block's max when last updated
-    done = np.ones(nb, dtype=np.int64)  # number of centres the block has seen
-    inv = np.empty(m, dtype=np.int64)
-    inv[perm] = np.arange(m)
+def _augment(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[z, 1] for points, and |z|^2, so that [z, 1] . [-2 c, |c|^2] + |z|^2 = |z - c|^2."""
+    return (np.concatenate([z, np.ones((len(z), 1), np.float32)], axis=1),
+            np.einsum("ij,ij->i", z, z))
 
-    def add(t: int, s: int) -> None:  # s: original index
-        sel[t] = s
-        i = inv[s]
-        centres[t], csq[t], c1[t] = xp[i], sqp[i], x1[i]
-        ca1[t, :-1], ca1[t, -1] = -2.0 * x1[i], xsq1[i]
-        if ca2 is not None:
-            ca2[t, :-1], ca2[t, -1] = -2.0 * xa2[i, :-1], xsq2[i]
 
-    def update(b: int, t: int) -> None:
-        lo, hi, p = starts[b], ends[b], done[b]
-        done[b] = t
-        pend = c1[p:t]
-        g = np.maximum(np.maximum(box_lo[b] - pend, pend - box_hi[b]), 0.0)
-        rel = np.flatnonzero(np.einsum("ij,ij->i", g, g) < ub[b] + slack)
+class _PrunedGreedy:
+    """The state of :func:`_greedy_pruned`: points permuted into k-d blocks (``perm``), their
+    contracted and augmented coordinates, the centres picked so far and each block's bounds."""
+
+    def __init__(self, x: np.ndarray, sq: np.ndarray, n: int, leaf: int,
+                 dims: tuple[int, ...]) -> None:
+        m, dim = x.shape
+        x1, x2 = contract(x, dims) if len(dims) == 2 else (contract(x, dims)[0], None)
+        groups = kd_blocks(x1, leaf)
+        self.perm = perm = np.concatenate(groups)
+        sizes = np.array([len(g) for g in groups])
+        self.ends = np.cumsum(sizes)
+        self.starts = self.ends - sizes
+        self.nb = nb = len(groups)
+        self.xp, self.sqp, self.x1 = x[perm], sq[perm], x1[perm]
+        self.box_lo = np.minimum.reduceat(self.x1, self.starts, axis=0)
+        self.box_hi = np.maximum.reduceat(self.x1, self.starts, axis=0)
+        self.slack = slack = 1e-4 * float(sq.max()) + 1e-30
+        # compared with |c|^2 - 2 x.c: mind - |x|^2 + slack
+        self.xa1, self.xsq1 = _augment(self.x1)
+        self.off1 = (slack - self.xsq1).astype(np.float32)
+        self.xa2: np.ndarray | None = None
+        self.ca2: np.ndarray | None = None
+        if x2 is not None:
+            self.xa2, self.xsq2 = _augment(x2[perm])
+            self.off2 = slack - self.xsq2
+            self.ca2 = np.empty((n, x2.shape[1] + 1), dtype=np.float32)
+            del x2
+        self.n = n
+        self.centres = np.empty((n, dim), dtype=x.dtype)
+        self.csq = np.empty(n, dtype=x.dtype)
+        self.c1 = np.empty((n, self.x1.shape[1]), dtype=np.float32)
+        self.ca1 = np.empty((n, self.x1.shape[1] + 1), dtype=np.float32)
+        self.sel = np.empty(n, dtype=np.int64)
+        # upper bound of each block's max min-distance (exact when done == t)
+        self.ub = np.empty(nb)
+        self.arg = np.empty(nb, dtype=np.int64)  # position of the block's max when last updated
+        self.done = np.ones(nb, dtype=np.int64)  # number of centres the block has seen
+        self.inv = np.empty(m, dtype=np.int64)
+        self.inv[perm] = np.arange(m)
+        self.mind = np.empty(0)
+
+    def add(self, t: int, s: int) -> None:
+        """Make original point ``s`` centre ``t``."""
+        self.sel[t] = s
+        i = self.inv[s]
+        self.centres[t], self.csq[t], self.c1[t] = self.xp[i], self.sqp[i], self.x1[i]
+        self.ca1[t, :-1], self.ca1[t, -1] = -2.0 * self.x1[i], self.xsq1[i]
+        if self.ca2 is not None:
+            assert self.xa2 is not None
+            self.ca2[t, :-1], self.ca2[t, -1] = -2.0 * self.xa2[i, :-1], self.xsq2[i]
+
+    def _candidates(self, b: int, t: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(block rows, centres) of the pairs that pass the box and lower-bound tests."""
+        lo, hi, p = self.starts[b], self.ends[b], self.done[b]
+        pend = self.c1[p:t]
+        g = np.maximum(np.maximum(self.box_lo[b] - pend, pend - self.box_hi[b]), 0.0)
+        rel = np.flatnonzero(np.einsum("ij,ij->i", g, g) < self.ub[b] + self.slack)
         if len(rel) == 0:
-            return
+            return None
         rel += p
-        mb = mind[lo:hi]
-        near = xa1[lo:hi] @ ca1[rel].T < (mb.astype(np.float32) + off1[lo:hi])[:, None]
+        mb = self.mind[lo:hi]
+        near = self.xa1[lo:hi] @ self.ca1[rel].T < (mb.astype(np.float32)
+                                                    + self.off1[lo:hi])[:, None]
         ri, cj = np.nonzero(near)
         if len(ri) == 0:
-            return
+            return None
         cj = rel[cj]
-        if xa2 is not None:  # the tight bound of these pairs
-            tight = np.einsum("ij,ij->i", xa2[lo + ri], ca2[cj]) < mb[ri] + off2[lo + ri]
+        if self.xa2 is not None:  # the tight bound of these pairs
+            assert self.ca2 is not None
+            tight = (np.einsum("ij,ij->i", self.xa2[lo + ri], self.ca2[cj])
+                     < mb[ri] + self.off2[lo + ri])
             ri, cj = ri[tight], cj[tight]
             if len(ri) == 0:
-                return
+                return None
+        return ri, cj
+
+    def update(self, b: int, t: int) -> None:
+        """Bring block ``b`` up to date with centres ``done[b]..t-1``."""
+        pairs = self._candidates(b, t)
+        self.done[b] = t
+        if pairs is None:
+            return
+        ri, cj = pairs
+        lo, hi = self.starts[b], self.ends[b]
+        mb = self.mind[lo:hi]
         # exact float64 distances of the candidate pairs: |x|^2 - 2 x.c + |c|^2, min per point
-        d = csq[cj] - 2.0 * np.einsum("ij,ij->i", xp[lo + ri], centres[cj])
+        d = self.csq[cj] - 2.0 * np.einsum("ij,ij->i", self.xp[lo + ri], self.centres[cj])
         rows, first = np.unique(ri, return_index=True)
         dmin = np.minimum.reduceat(d, first)
-        dmin += sqp[lo + rows]
+        dmin += self.sqp[lo + rows]
         np.maximum(dmin, 0.0, out=dmin)
         mb[rows] = np.minimum(mb[rows], dmin)
         j = int(np.argmax(mb))
-        ub[b], arg[b] = mb[j], lo + j
+        self.ub[b], self.arg[b] = mb[j], lo + j
 
-    add(0, start)
-    mind = sqp - 2.0 * (xp @ centres[0])
-    mind += csq[0]
-    np.maximum(mind, 0.0, out=mind)
-    if mind0 is not None:
-        np.minimum(mind, mind0[perm], out=mind)
-    for b in range(nb):
-        j = int(np.argmax(mind[starts[b]:ends[b]]))
-        ub[b], arg[b] = mind[starts[b] + j], starts[b] + j
-    bar.update(1)
-    for t in range(1, n):
+    def _first(self, start: int, mind0: np.ndarray | None) -> None:
+        """Centre 0 and every point's exact min-distance to it (and to ``mind0``'s set)."""
+        self.add(0, start)
+        self.mind = mind = self.sqp - 2.0 * (self.xp @ self.centres[0])
+        mind += self.csq[0]
+        np.maximum(mind, 0.0, out=mind)
+        if mind0 is not None:
+            np.minimum(mind, mind0[self.perm], out=mind)
+        for b in range(self.nb):
+            j = int(np.argmax(mind[self.starts[b]:self.ends[b]]))
+            self.ub[b], self.arg[b] = mind[self.starts[b] + j], self.starts[b] + j
+
+    def _pick(self, t: int) -> int:
+        """The block holding the farthest point once its bound is exact (first index on ties)."""
+        ub, done = self.ub, self.done
         while True:
             b = int(ub.argmax())
             if done[b] != t:
-                update(b, t)
+                self.update(b, t)
                 continue
             tied = np.flatnonzero(ub == ub[b])
             if len(tied) == 1:
-                break
+                return b
             stale = tied[done[tied] != t]
             if len(stale):
-                update(int(stale[0]), t)
+                self.update(int(stale[0]), t)
                 continue
-            b = int(tied[np.argmin(perm[arg[tied]])])  # first index among equal maxima
-            break
-        add(t, int(perm[arg[b]]))
+            return int(tied[np.argmin(self.perm[self.arg[tied]])])  # first among equal maxima
+
+    def run(self, start: int, mind0: np.ndarray | None, bar: Any) -> np.ndarray:
+        """The ``n`` greedy picks from ``start`` (original indices)."""
+        self._first(start, mind0)
         bar.update(1)
-    return sel
+        for t in range(1, self.n):
+            b = self._pick(t)
+            self.add(t, int(self.perm[self.arg[b]]))
+            bar.update(1)
+        return self.sel
 
 
 def project(features: np.ndarray, proj_dim: int, projection: str,

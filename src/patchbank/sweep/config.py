@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -293,12 +293,6 @@ def load_config(path: Path) -> SweepConfig:
                          "methods:, ...)")
     # relative paths in the file are taken from the working directory, as for every command
     return config_from_mapping(data, str(path))
-
-
-def with_overrides(config: SweepConfig, **overrides: Any) -> SweepConfig:
-    """``config`` with the given fields replaced (``None`` values are ignored)."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    return replace(config, **given) if given else config
 
 
 def params_json(params: Mapping[str, Any]) -> str:

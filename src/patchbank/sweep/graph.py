@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -247,8 +247,3 @@ def run_score_job(job: ScoreJob, extracted: Mapping[str, Any]) -> dict[str, Any]
         row["eval_status"] = row["eval_status"] or "failed"
     row["job_s"] = round(time.perf_counter() - t0, 3)
     return row
-
-
-def job_dict(job: ExtractJob | ScoreJob) -> dict[str, Any]:
-    """A job as plain values (for logs and the sweep's JSON record)."""
-    return asdict(job)
