@@ -1,0 +1,1 @@
+"""Benchmarks behind ``scripts/bench_*.py``: stage speed, quality over settings, predictions."""
