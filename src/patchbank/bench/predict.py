@@ -55,7 +55,7 @@ def latency(model: RunModel, image: Path, repeats: int = 10, maps: bool = True,
         _, grid = model.scorer.score(taps)
         t4 = time.perf_counter()
         if grid is not None and maps:
-            place_map(grid[0], model.info, img.height, img.width)
+            place_map(grid[0], model.info.geometry, img.height, img.width)
         t5 = time.perf_counter()
         for key, dt in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
             steps[key].append(dt)
