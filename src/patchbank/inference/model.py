@@ -280,7 +280,7 @@ class RunModel:
     def _refit_holdout_peaks(self) -> np.ndarray:
         """Map maxima of the held-out train images, refitted from the train bank (runs scored
         before ``train_scores.csv`` kept them)."""
-        seed = self.info.seed
+        seed = self.info.fit_seed
         bank = fit_bank(self._train_bank(), self.info.shots, seed)
         split = holdout_rows(bank.meta, float(self.info.holdout), seed)
         if len(split[1]) < 2:

@@ -148,8 +148,9 @@ class RunInfo(_Record):
     quick model).
 
     Only ``method`` is required. Runs scored by older patchbanks lack some keys; they read as:
-    ``params`` {} ; ``holdout`` 0.0 (no hold-out); ``seed`` 0 (the score stage's default
-    seed, which those runs used); ``shots`` None (every training image); ``banks`` {} ;
+    ``params`` {} ; ``holdout`` 0.0 (no hold-out); ``seed`` None (unrecorded: those runs
+    used the score stage's default seed 0, see :attr:`fit_seed`); ``shots`` None (every
+    training image); ``banks`` {} ;
     ``pixel_level`` False; every other field None (unknown). The map keys (``map_sigma``,
     ``input_size``, ``image_size``, ``crop``) of a pixel-level run are checked by
     :func:`patchbank.store.runs.map_info_problems`, which names what is missing.
@@ -158,7 +159,7 @@ class RunInfo(_Record):
     method: str
     params: dict[str, Any] = field(default_factory=dict)
     holdout: float = 0.0
-    seed: int = 0
+    seed: int | None = None
     shots: int | None = None
     banks: dict[str, dict[str, Any]] = field(default_factory=dict)
     patchbank_version: str | None = None
@@ -186,7 +187,7 @@ class RunInfo(_Record):
     _absent: frozenset[str] = field(default=frozenset(), repr=False)
 
     TYPES: ClassVar[dict[str, tuple[type, ...]]] = {
-        "method": (str,), "params": (dict,), "holdout": _NUM, "seed": (int,),
+        "method": (str,), "params": (dict,), "holdout": _NUM, "seed": (int, _NONE),
         "shots": (int, _NONE), "banks": (dict,), "patchbank_version": (str, _NONE),
         "n_train_bank": (int, _NONE), "train_indices": (list, _NONE),
         "holdout_applied": (bool, _NONE), "backbone": (str, _NONE), "bank": (str, _NONE),
@@ -209,6 +210,12 @@ class RunInfo(_Record):
         if not out and not all(isinstance(v, dict) for v in data.get("banks", {}).values()):
             out.append("banks must map each split to its fingerprint object")
         return out
+
+    @property
+    def fit_seed(self) -> int:
+        """The seed the run's shots and hold-out were drawn with (0 when unrecorded: runs
+        scored before ``seed`` was written used the default, 0)."""
+        return 0 if self.seed is None else self.seed
 
     @property
     def geometry(self) -> dict[str, Any]:
