@@ -40,7 +40,13 @@ import torch
 from patchbank.core.device import resolve_device
 from patchbank.core.errors import BankError, PatchbankError, ScoresError, WeightsError
 from patchbank.evaluation import metrics
-from patchbank.evaluation.holdout import N_SIGMA, fit_bank, fit_with_holdout, holdout_rows
+from patchbank.evaluation.holdout import (
+    N_SIGMA,
+    HoldoutFit,
+    fit_bank,
+    fit_with_holdout,
+    holdout_rows,
+)
 from patchbank.features.extractors import ExtractorInfo, FeatureExtractor, build_extractor
 from patchbank.features.preprocess import Preprocess
 from patchbank.scorers import load_scorer
@@ -280,6 +286,12 @@ class RunModel:
     def _refit_holdout_peaks(self) -> np.ndarray:
         """Map maxima of the held-out train images, refitted from the train bank (runs scored
         before ``train_scores.csv`` kept them)."""
+        return self.refit_holdout().held_map_max
+
+    def refit_holdout(self) -> HoldoutFit:
+        """The run's hold-out refitted from its train bank exactly as the score stage fitted
+        it (:func:`fit_with_holdout` on the same shots and split): held-out scores and map
+        maxima; warns when the scores differ from ``train_scores.csv``."""
         seed = self.info.fit_seed
         bank = fit_bank(self._train_bank(), self.info.shots, seed)
         split = holdout_rows(bank.meta, float(self.info.holdout), seed)
@@ -295,7 +307,7 @@ class RunModel:
                 not np.allclose(scores, self.train_scores, rtol=1e-4, atol=1e-6):
             log.warning("%s: refitted hold-out scores differ from train_scores.csv; the pixel "
                         "threshold may not match the scored run", self.folder)
-        return held.held_map_max
+        return held
 
     def _oracle_pixel_threshold(self) -> Threshold:
         stored = (self.metrics or {}).get("dice_threshold")

@@ -154,12 +154,7 @@ def score_category(
         scorer = make_scorer(method, params, device=device)
     except ValueError as err:
         raise PatchbankError(f"--method {method}: {err}") from None
-    tag = resolve_tag(banks_dir, backbone, category, bank)
-    # Both banks are validated (files, shapes, train/test consistency, finite values) before
-    # anything is fitted.
-    train, test = load_pair(banks_dir, backbone, tag, category)
-    check_finite(test, banks_dir, backbone, tag, category, "test")
-    shots = _check_shots(shots, train, BankPaths.of(banks_dir, backbone, tag, category, "train"))
+    tag, train, test, shots = _open_banks(banks_dir, backbone, category, bank, shots)
     name = name or run_name(method, scorer.params, tag, holdout, seed, shots)
     paths = RunPaths.of(scores_dir, backbone, name, category)
     info = RunInfo(method=method, params=scorer.params, holdout=holdout, seed=seed,
@@ -180,15 +175,21 @@ def score_category(
     return name, status
 
 
-def _check_shots(shots: int | None, train: Bank, csv: BankPaths) -> int | None:
-    """``shots`` as an int (or None), refused unless 1 .. the bank's number of images."""
+def _open_banks(banks_dir: Path, backbone: str, category: str, bank: str | None,
+                shots: int | None) -> tuple[str, Bank, Bank, int | None]:
+    """(tag, train bank, test bank, shots as an int or None). Both banks are validated
+    (files, shapes, train/test consistency, finite values) before anything is fitted, and
+    ``shots`` refused unless 1 .. the train bank's number of images."""
+    tag = resolve_tag(banks_dir, backbone, category, bank)
+    train, test = load_pair(banks_dir, backbone, tag, category)
+    check_finite(test, banks_dir, backbone, tag, category, "test")
     n_images = int((train.meta["augment"] == 0).sum()) if "augment" in train.meta.columns \
         else len(train)
     if shots is not None and not 1 <= int(shots) <= n_images:
         raise PatchbankError(
-            f"--shots {shots}: {csv.csv} has {n_images} training images; choose "
-            f"1..{n_images} or leave it out (all)")
-    return None if shots is None else int(shots)
+            f"--shots {shots}: {BankPaths.of(banks_dir, backbone, tag, category, 'train').csv}"
+            f" has {n_images} training images; choose 1..{n_images} or leave it out (all)")
+    return tag, train, test, None if shots is None else int(shots)
 
 
 def _reuse_status(paths: RunPaths, info: RunInfo, overwrite: bool) -> str:
