@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from conftest import TOY_TAG, write_toy_banks
 from PIL import Image
+from test_predict import make_runs
 
 from patchbank.app import logic
 from patchbank.core.errors import BankError, ScoresError
@@ -22,7 +23,6 @@ from patchbank.features.spec import ExtractSpec
 from patchbank.inference import load_run_model
 from patchbank.scorers import load_scorer, make_scorer, model_header
 from patchbank.scorers.base import MODEL_VERSION
-from patchbank.stages.extract import ExtractConfig, extract
 from patchbank.stages.score import score_category
 from patchbank.store.banks import BankPaths, load_bank
 from patchbank.store.records import BankFingerprint, RunInfo
@@ -35,20 +35,15 @@ METHODS = {"padim": {}, "patchcore": {"coreset": "0.25"}}
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> dict:
-    """One demo category extracted (random lite0, 64 px) and scored by each of METHODS."""
+    """One demo category extracted (random lite0, 64 px), scored and evaluated by each of
+    METHODS (test_predict's real-stage pipeline)."""
     base = tmp_path_factory.mktemp("records")
     root = make_demo_dataset(base / "demo", size=64, n_train=10, n_test_good=2,
                              n_test_defect=2)
     spec = ExtractSpec(BACKBONE, weights="random", image_size=64)
-    banks, scores = base / "featurebanks", base / "scores"
-    extract(root, [CATEGORY], ExtractConfig(spec, batch_size=8, num_workers=0, device="cpu"),
-            banks)
-    runs = {}
-    for method, params in METHODS.items():
-        name, _ = score_category(banks, scores, BACKBONE, method, CATEGORY, params,
-                                 device="cpu")
-        runs[method] = RunPaths.of(scores, BACKBONE, name, CATEGORY)
-    return {"banks": banks, "tag": spec.tag(), "runs": runs}
+    runs = make_runs(base, root, [CATEGORY], METHODS, spec)
+    return {"banks": base / "featurebanks", "tag": spec.tag(),
+            "runs": {m: RunPaths(runs[m, CATEGORY]) for m in METHODS}}
 
 
 # --------------------------------------------------------------------------- round trips
