@@ -533,7 +533,7 @@ def quick_model(images: Sequence[Image.Image], *, backbone: str = "efficientnet_
         progress(f"extracting features of {len(images)} images")
     taps = quick_features(model, images)
     if progress:
-        progress(f"fitting {method}")
+        progress(f"fitting {method} (and, held out, the thresholds)")
     fitted = fit_with_holdout(scorer, taps, quick_split(len(images)),
                               geometry=info.geometry, heights=[im.height for im in images],
                               widths=[im.width for im in images])
