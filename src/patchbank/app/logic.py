@@ -17,7 +17,6 @@ import hashlib
 import io
 import math
 import tempfile
-import time
 import warnings
 import zipfile
 from collections.abc import Callable, Sequence
@@ -41,6 +40,7 @@ from patchbank.inference import (
     overlay,
     predict,
 )
+from patchbank.store.records import RunInfo
 
 #: largest accepted upload (one image or one zip), bytes
 MAX_UPLOAD_BYTES = 64 << 20
@@ -486,13 +486,11 @@ def quick_model(images: Sequence[Image.Image], *, backbone: str = "efficientnet_
     least 2) are held out, as the score stage does, for the unsupervised image and pixel
     thresholds.
     """
-    from patchbank.evaluation.heatmap import place_map
+    from patchbank.evaluation.holdout import fit_with_holdout
     from patchbank.features.extractors import build_extractor
     from patchbank.features.preprocess import Preprocess
-    from patchbank.inference.model import N_SIGMA, UNSUPERVISED
-    from patchbank.inference.predict import features
+    from patchbank.inference.model import UNSUPERVISED
     from patchbank.scorers import make_scorer
-    from patchbank.stages.score import holdout_split
 
     images = list(images)
     if len(images) < 2:
@@ -506,15 +504,14 @@ def quick_model(images: Sequence[Image.Image], *, backbone: str = "efficientnet_
     extractor, xinfo = build_extractor(backbone, weights=weights, image_size=image_size,
                                        device=device)
     preprocess = Preprocess(xinfo.image_size, xinfo.mean, xinfo.std)
-    info: dict[str, Any] = {
-        "method": method, "params": scorer.params, "holdout": 0.2, "seed": 0,
-        "backbone": backbone, "category": "uploaded", "run": f"quick-{method}",
-        "banks": {"train": {"backbone": backbone, "weights": xinfo.weights_id,
-                            "layers": list(xinfo.layers), "image_size": xinfo.image_size,
-                            "crop": None, "mean": list(xinfo.mean), "std": list(xinfo.std)}},
-        "pixel_level": scorer.pixel_level, "map_sigma": float(scorer.map_sigma),
-        "input_size": xinfo.image_size, "image_size": xinfo.image_size, "crop": None,
-    }
+    info = RunInfo(
+        method=method, params=scorer.params, holdout=0.2, seed=0, backbone=backbone,
+        category="uploaded", run=f"quick-{method}",
+        banks={"train": {"backbone": backbone, "weights": xinfo.weights_id,
+                         "layers": list(xinfo.layers), "image_size": xinfo.image_size,
+                         "crop": None, "mean": list(xinfo.mean), "std": list(xinfo.std)}},
+        pixel_level=scorer.pixel_level, map_sigma=float(scorer.map_sigma),
+        input_size=xinfo.image_size, image_size=xinfo.image_size, crop=None)
     import torch
 
     model = RunModel(folder=Path("<memory>"), info=info, scorer=scorer, extractor=extractor,
@@ -523,37 +520,22 @@ def quick_model(images: Sequence[Image.Image], *, backbone: str = "efficientnet_
                      map_range=None)
     if progress:
         progress(f"extracting features of {len(images)} images")
-    pixels = torch.stack([preprocess.resize(im) for im in images])
-    taps = {}
-    for lo in range(0, len(images), 16):
-        batch = features(model, pixels[lo:lo + 16])
-        for k, v in batch.items():
-            taps.setdefault(k, []).append(v)
-    taps = {k: np.concatenate(v) for k, v in taps.items()}
+    taps = quick_features(model, images)
     if progress:
-        progress(f"fitting {method}")
-    t0 = time.perf_counter()
-    scorer.fit(taps)
-    info["fit_s"] = round(time.perf_counter() - t0, 3)
-    fit_idx, out_idx = holdout_split(len(images), max(0.2, 2 / len(images)), 0)
-    if len(out_idx) >= 2:
-        if progress:
-            progress("thresholds from held-out images")
-        held = make_scorer(method, scorer.params, device=device).fit(
-            {k: v[fit_idx] for k, v in taps.items()})
-        scores, maps = held.score({k: v[out_idx] for k, v in taps.items()})
-        model.train_scores = scores
-        if maps is not None:
-            peaks, lo, hi = [], math.inf, -math.inf
-            for i, j in enumerate(out_idx):
-                heat, _ = place_map(maps[i], info, images[j].height, images[j].width)
-                peaks.append(float(heat.max()))
-                lo, hi = min(lo, float(heat.min())), max(hi, float(heat.max()))
-            value = float(np.mean(peaks) + N_SIGMA * np.std(peaks, ddof=1))
-            model._pixel_cache["auto"] = Threshold(
-                value, UNSUPERVISED, f"mean + 3σ of the map maxima of {len(peaks)} held-out "
-                "images")
-            model.map_range = (lo, max(hi, value) * 2 - lo)
+        progress(f"fitting {method} (and, held out, the thresholds)")
+    fitted = fit_with_holdout(scorer, taps, quick_split(len(images)),
+                              geometry=info.geometry, heights=[im.height for im in images],
+                              widths=[im.width for im in images])
+    info.fit_s = round(fitted.fit_s or 0.0, 3)
+    if fitted.held_scores is not None:
+        model.train_scores = fitted.held_scores
+    if fitted.held_map_max is not None and fitted.held_map_min is not None:
+        value = fitted.pixel_threshold()
+        model._pixel_cache["auto"] = Threshold(
+            value, UNSUPERVISED, f"mean + 3σ of the map maxima of {len(fitted.held_out)} "
+            "held-out images")
+        lo, hi = float(fitted.held_map_min.min()), float(fitted.held_map_max.max())
+        model.map_range = (lo, max(hi, value) * 2 - lo)
     return model
 
 
@@ -573,3 +555,25 @@ def preselect(runs: pd.DataFrame, backbone: str | None = None, method: str | Non
     if category:
         sub = sub[sub["category"] == category]
     return sub
+
+
+def quick_split(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The quick model's (fit, held-out) split of ``n`` images: 20 % (at least 2) held out
+    with seed 0, none below 4 images (:func:`patchbank.evaluation.holdout.holdout_split`)."""
+    from patchbank.evaluation.holdout import holdout_split
+
+    return holdout_split(n, max(0.2, 2 / n), 0)
+
+
+def quick_features(model: RunModel, images: Sequence[Image.Image]) -> dict[int, np.ndarray]:
+    """The images' taps through the model's feature path, 16 at a time."""
+    import torch
+
+    from patchbank.inference.predict import features
+
+    pixels = torch.stack([model.preprocess.resize(im) for im in images])
+    taps: dict[int, list[np.ndarray]] = {}
+    for lo in range(0, len(images), 16):
+        for k, v in features(model, pixels[lo:lo + 16]).items():
+            taps.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in taps.items()}

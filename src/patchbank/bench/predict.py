@@ -55,7 +55,7 @@ def latency(model: RunModel, image: Path, repeats: int = 10, maps: bool = True,
         _, grid = model.scorer.score(taps)
         t4 = time.perf_counter()
         if grid is not None and maps:
-            place_map(grid[0], model.info, img.height, img.width)
+            place_map(grid[0], model.info.geometry, img.height, img.width)
         t5 = time.perf_counter()
         for key, dt in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
             steps[key].append(dt)
@@ -85,14 +85,15 @@ def throughput(model: RunModel, data_root: Path, category: str, n_images: int = 
     from patchbank.features.spec import ExtractSpec
     from patchbank.stages.extract import ExtractConfig, Extractor, fingerprint
     from patchbank.store.banks import BankPaths
+    from patchbank.store.records import BankFingerprint
 
     samples = discover(data_root, category, "train")[:n_images]
     paths = [s.path for s in samples]
-    fp = model.train_fingerprint
-    spec_d = dict(fp.get("spec") or {})
-    spec = ExtractSpec(fp["backbone"], weights=spec_d.get("weights", "hub"),
-                       layers=tuple(fp["layers"]), image_size=fp["image_size"],
-                       crop=fp.get("crop"), normalize=spec_d.get("normalize"))
+    fp = BankFingerprint.from_json(model.train_fingerprint, model.folder / "run.json")
+    spec_d = dict(fp.spec or {})
+    spec = ExtractSpec(fp.backbone, weights=spec_d.get("weights", "hub"),
+                       layers=tuple(fp.layers), image_size=fp.image_size,
+                       crop=fp.crop, normalize=spec_d.get("normalize"))
     extractor = Extractor(ExtractConfig(spec, batch_size=batch_size, device=str(model.device),
                                         image_cache=False))
     bank_fp = fingerprint(extractor.spec, extractor.info, extractor.preprocess, samples,

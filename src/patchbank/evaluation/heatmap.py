@@ -70,9 +70,19 @@ def place_map(amap: np.ndarray, info: Mapping[str, Any], height: int, width: int
     return smooth_upsample(amap, shape, sigma), (ys, xs)
 
 
+def map_extrema(maps: Sequence[np.ndarray], info: Mapping[str, Any], heights: Sequence[int],
+                widths: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(minima, maxima) of each grid map once placed on its image (:func:`place_map`)."""
+    lows, highs = [], []
+    for m, h, w in zip(maps, heights, widths, strict=True):
+        heat = place_map(m, info, int(h), int(w))[0]
+        lows.append(float(heat.min()))
+        highs.append(float(heat.max()))
+    return np.array(lows), np.array(highs)
+
+
 def map_maxima(maps: Sequence[np.ndarray], info: Mapping[str, Any], heights: Sequence[int],
                widths: Sequence[int]) -> np.ndarray:
     """Each grid map's maximum once placed on its image (:func:`place_map`): the inputs of the
     unsupervised pixel threshold."""
-    return np.array([float(place_map(m, info, int(h), int(w))[0].max())
-                     for m, h, w in zip(maps, heights, widths, strict=True)])
+    return map_extrema(maps, info, heights, widths)[1]

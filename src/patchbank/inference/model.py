@@ -40,18 +40,24 @@ import torch
 from patchbank.core.device import resolve_device
 from patchbank.core.errors import BankError, PatchbankError, ScoresError, WeightsError
 from patchbank.evaluation import metrics
-from patchbank.evaluation.heatmap import map_maxima
+from patchbank.evaluation.holdout import (
+    N_SIGMA,
+    HoldoutFit,
+    fit_bank,
+    fit_with_holdout,
+    holdout_rows,
+)
 from patchbank.features.extractors import ExtractorInfo, FeatureExtractor, build_extractor
 from patchbank.features.preprocess import Preprocess
-from patchbank.scorers import load_scorer, make_scorer
+from patchbank.scorers import load_scorer
 from patchbank.scorers.base import Scorer
 from patchbank.store.banks import Bank, load_bank
+from patchbank.store.records import RunInfo
 from patchbank.store.runs import RunPaths, map_info_problems, read_run_info
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.npz"
-N_SIGMA = 3.0
 
 # Threshold kinds as they appear in prediction tables.
 UNSUPERVISED = "unsupervised"
@@ -131,7 +137,7 @@ class RunModel:
     """Everything needed to score new images like the run scored its test set."""
 
     folder: Path
-    info: dict[str, Any]
+    info: RunInfo
     scorer: Scorer
     extractor: FeatureExtractor
     extractor_info: ExtractorInfo
@@ -150,27 +156,27 @@ class RunModel:
 
     @property
     def method(self) -> str:
-        return str(self.info["method"])
+        return self.info.method
 
     @property
     def backbone(self) -> str:
-        return str(self.info.get("backbone", self.train_fingerprint["backbone"]))
+        return str(self.info.backbone or self.train_fingerprint["backbone"])
 
     @property
     def category(self) -> str:
-        return str(self.info.get("category", self.folder.name))
+        return self.info.category or self.folder.name
 
     @property
     def run_name(self) -> str:
-        return str(self.info.get("run", self.folder.parent.name))
+        return self.info.run or self.folder.parent.name
 
     @property
     def train_fingerprint(self) -> dict[str, Any]:
-        return self.info["banks"]["train"]
+        return self.info.banks["train"]
 
     @property
     def pixel_level(self) -> bool:
-        return bool(self.info.get("pixel_level"))
+        return self.info.pixel_level
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -273,31 +279,35 @@ class RunModel:
         peaks = self.holdout_map_max
         if peaks is None or len(peaks) < 2 or not np.isfinite(peaks).all():
             peaks = self._refit_holdout_peaks()
-        value = float(np.mean(peaks) + N_SIGMA * np.std(peaks, ddof=1))
+        value = metrics.unsupervised_threshold(peaks, N_SIGMA)
         return Threshold(value, UNSUPERVISED,
                          f"mean + 3σ of the map maxima of {len(peaks)} held-out train images")
 
     def _refit_holdout_peaks(self) -> np.ndarray:
         """Map maxima of the held-out train images, refitted from the train bank (runs scored
         before ``train_scores.csv`` kept them)."""
-        from patchbank.stages.score import fit_bank, holdout_rows
+        return self.refit_holdout().held_map_max
 
-        seed = int(self.info.get("seed", 0))
-        bank = fit_bank(self._train_bank(), self.info.get("shots"), seed)
-        fit_idx, out_idx = holdout_rows(bank.meta, float(self.info.get("holdout", 0.0)), seed)
-        if len(out_idx) < 2:
+    def refit_holdout(self) -> HoldoutFit:
+        """The run's hold-out refitted from its train bank exactly as the score stage fitted
+        it (:func:`fit_with_holdout` on the same shots and split): held-out scores and map
+        maxima; warns when the scores differ from ``train_scores.csv``."""
+        seed = self.info.fit_seed
+        bank = fit_bank(self._train_bank(), self.info.shots, seed)
+        split = holdout_rows(bank.meta, float(self.info.holdout), seed)
+        if len(split[1]) < 2:
             raise ScoresError(f"{self.folder}: the run held out no train images (--holdout "
-                              f"{self.info.get('holdout')}); pass --pixel-threshold oracle or "
+                              f"{self.info.holdout}); pass --pixel-threshold oracle or "
                               "a number")
-        held = make_scorer(self.method, self.scorer.params, device=str(self.device)).fit(
-            {k: v[fit_idx] for k, v in bank.taps.items()})
-        scores, maps = held.score({k: v[out_idx] for k, v in bank.taps.items()})
+        held = fit_with_holdout(self.scorer, bank.taps, split, geometry=self.info.geometry,
+                                heights=bank.meta["height"], widths=bank.meta["width"],
+                                fit=False)
+        scores = held.held_scores
         if self.train_scores is not None and len(self.train_scores) == len(scores) and \
                 not np.allclose(scores, self.train_scores, rtol=1e-4, atol=1e-6):
             log.warning("%s: refitted hold-out scores differ from train_scores.csv; the pixel "
                         "threshold may not match the scored run", self.folder)
-        held = bank.meta.iloc[out_idx]
-        return map_maxima(maps, self.info, held["height"], held["width"])
+        return held
 
     def _oracle_pixel_threshold(self) -> Threshold:
         stored = (self.metrics or {}).get("dice_threshold")
@@ -380,22 +390,23 @@ def load_run_model(run_dir: Path | str, *, weights: str | Path | None = None,
     if not folder.is_dir():
         raise ScoresError(f"{folder}: no such run folder; pass --run "
                           "scores/<backbone>/<run>/<category>")
-    info = read_run_info(paths)
-    if info is None:
+    raw = read_run_info(paths)
+    if raw is None:
         raise ScoresError(f"{folder}: no complete score run here (run.json missing or "
                           "unreadable); pass --run scores/<backbone>/<run>/<category>")
+    info = RunInfo.from_json(raw, paths.run_json)
     model_path = folder / MODEL_FILE
     if not model_path.is_file():
         raise ScoresError(f"{folder}: no {MODEL_FILE} (scored by an older patchbank?); re-score "
                           "the run with --overwrite to save the fitted model")
-    fp = (info.get("banks") or {}).get("train")
+    fp = info.train_fingerprint
     needed = ("backbone", "weights", "layers", "image_size", "mean", "std", "taps")
     if not isinstance(fp, dict) or any(k not in fp for k in needed):
         raise ScoresError(f"{paths.run_json}: the train bank's fingerprint is missing or "
                           "incomplete, so the feature path cannot be rebuilt; re-score with "
                           "--overwrite")
-    if info.get("pixel_level"):
-        problems = map_info_problems(info)
+    if info.pixel_level:
+        problems = map_info_problems(raw)
         if problems:
             raise ScoresError(f"{paths.run_json}: malformed pixel-level run "
                               f"({', '.join(problems)}); re-score with --overwrite")
@@ -438,7 +449,7 @@ def load_run_model(run_dir: Path | str, *, weights: str | Path | None = None,
         preprocess=preprocess, device=dev, metrics=_read_metrics(folder),
         train_scores=train_scores, holdout_map_max=holdout_map_max,
         banks_dir=Path(banks_dir) if banks_dir is not None else None,
-        map_range=_map_range(folder) if info.get("pixel_level") else None,
+        map_range=_map_range(folder) if info.pixel_level else None,
     )
 
 
@@ -455,13 +466,15 @@ def find_runs(scores_dir: Path | str) -> list[dict[str, Any]]:
         folder = run_json.parent
         if not (folder / MODEL_FILE).is_file():
             continue
-        info = read_run_info(RunPaths(folder))
-        if info is None:
+        raw = read_run_info(RunPaths(folder))
+        try:
+            info = RunInfo.from_json(raw, folder / "run.json")
+        except ScoresError:
             continue
         backbone, run, category = folder.parts[-3:]
         if not all(_RUN_PART.match(p) for p in (backbone, run, category)):
             continue
         out.append({"backbone": backbone, "run": run, "category": category,
-                    "method": info.get("method"), "pixel_level": bool(info.get("pixel_level")),
+                    "method": info.method, "pixel_level": info.pixel_level,
                     "folder": folder, "metrics": _read_metrics(folder)})
     return out

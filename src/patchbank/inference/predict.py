@@ -266,7 +266,7 @@ def iter_predict(
             if grid_maps is not None:
                 pred.grid_map = grid_maps[j]
                 if maps:
-                    pred.heatmap, pred.box = place_map(grid_maps[j], model.info, height[k],
+                    pred.heatmap, pred.box = place_map(grid_maps[j], model.info.geometry, height[k],
                                                        width[k], max_side)
                     if pix is not None:
                         pred.pixel_threshold = pix

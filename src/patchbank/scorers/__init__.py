@@ -18,7 +18,7 @@ import numpy as np
 from patchbank.core.errors import ScoresError, did_you_mean
 from patchbank.scorers.anomalydino import AnomalyDINOScorer
 from patchbank.scorers.autoencoder import FeatureAEScorer, PixelAEScorer
-from patchbank.scorers.base import MODEL_FORMAT, PooledScorer, Scorer
+from patchbank.scorers.base import MODEL_FORMAT, MODEL_VERSION, PooledScorer, Scorer
 from patchbank.scorers.classical import (
     EllipticScorer,
     IForestScorer,
@@ -84,9 +84,10 @@ def methods_help() -> str:
     return "methods and their parameters (--param key=value):\n" + "\n".join(lines)
 
 
-def load_scorer(path: Path, device: str = "auto") -> Scorer:
-    """A fitted scorer read back from :meth:`Scorer.save` (arrays only, ``allow_pickle=False``);
-    a missing, damaged or foreign file raises one-line ScoresError naming it."""
+def model_header(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(header, arrays) of a model file written by :meth:`Scorer.save`, the header's
+    ``version`` filled in as 1 for models saved before it was recorded; a missing, damaged,
+    foreign or newer file raises one-line ScoresError naming it."""
     hint = "re-score the run with --overwrite"
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -100,11 +101,24 @@ def load_scorer(path: Path, device: str = "auto") -> Scorer:
     if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT or \
             meta.get("method") not in SCORERS:
         raise ScoresError(f"{path}: not a patchbank model of format {MODEL_FORMAT}; {hint}")
+    version = meta.setdefault("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or \
+            not 1 <= version <= MODEL_VERSION:
+        raise ScoresError(f"{path}: model header version {version!r}, this patchbank reads "
+                          f"1..{MODEL_VERSION}; upgrade patchbank or {hint}")
+    return meta, arrays
+
+
+def load_scorer(path: Path, device: str = "auto") -> Scorer:
+    """A fitted scorer read back from :meth:`Scorer.save` (arrays only, ``allow_pickle=False``);
+    a missing, damaged or foreign file raises one-line ScoresError naming it."""
+    meta, arrays = model_header(path)
     try:
         return make_scorer(meta["method"], meta["params"], device).restore(meta, arrays)
     except (KeyError, ValueError, TypeError) as err:
-        raise ScoresError(f"{path}: inconsistent model ({err}); {hint}") from None
+        raise ScoresError(f"{path}: inconsistent model ({err}); re-score the run with "
+                          "--overwrite") from None
 
 
 __all__ = ["SCORERS", "PooledScorer", "Scorer", "load_scorer", "make_scorer", "methods_help",
-           "register_scorer"]
+           "model_header", "register_scorer"]

@@ -184,6 +184,9 @@ def check_bank(bank: Any, role: str, grid: tuple[int, int, int] | None = None) -
 Taps = Mapping[int, np.ndarray] | Sequence[np.ndarray] | np.ndarray
 #: version of the fitted-model file written by :meth:`Scorer.save`.
 MODEL_FORMAT = 1
+#: revision of the model header within MODEL_FORMAT (``"version"``; headers without it, written
+#: before it existed, are version 1). 2: the header records its version.
+MODEL_VERSION = 2
 #: input bytes per batch of images when aligning taps.
 ALIGN_BYTES = 64 << 20
 
@@ -370,7 +373,8 @@ class Scorer(ABC):
         no pickle), through a temporary file and a rename. Returns the bytes written."""
         if self._shapes is None:
             raise RuntimeError(f"{self.name}: call fit() before save()")
-        meta = {"format": MODEL_FORMAT, "method": self.name, "params": self.params,
+        meta = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "method": self.name,
+                "params": self.params,
                 "layers": list(self.layers_), "shapes": [list(s) for s in self._shapes]}
         arrays = {k: np.asarray(v) for k, v in self._state().items()}
         header = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)

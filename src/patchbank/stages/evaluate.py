@@ -112,10 +112,10 @@ def evaluate_run(run: ScoreRun, category: str, data_root: Path | None = None,
     row.update(pixel)
     row.update(metrics.composite_scores(row["image_auroc"], row["image_ap"],
                                         row["pixel_auroc"], row["best_dice"]))
-    row.update(fit_s=run.info.get("fit_s"), score_s=run.info.get("score_s"))
+    info = run.record
+    row.update(fit_s=info.fit_s, score_s=info.score_s)
     # few-shot protocol: shots NaN = every training image; n_train = images the model saw
-    row.update(shots=run.info.get("shots"), seed=run.info.get("seed"),
-               n_train=run.info.get("n_train"))
+    row.update(shots=info.shots, seed=info.seed, n_train=info.n_train)
     return row
 
 

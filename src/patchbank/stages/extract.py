@@ -42,6 +42,7 @@ from patchbank.store.banks import (
     bank_status,
 )
 from patchbank.store.imagecache import CacheWriter, ImageCache
+from patchbank.store.records import BankFingerprint
 
 log = logging.getLogger(__name__)
 
@@ -64,29 +65,30 @@ class ExtractConfig:
 def fingerprint(spec: ExtractSpec, info: ExtractorInfo, preprocess: Preprocess,
                 samples: Sequence[Sample], root: Path, category: str,
                 split: str) -> dict[str, Any]:
-    """Everything that changes a bank's content; stored beside it and compared on re-runs."""
-    return {
-        "format": BANK_FORMAT,
-        "patchbank_version": __version__,
-        "tag": spec.tag(),
-        "spec": spec.canonical(),
-        "backbone": info.backbone,
-        "model_id": info.model_id,
-        "weights": info.weights_id,
-        "layers": list(info.layers),
-        "image_size": preprocess.image_size,
-        "crop": preprocess.crop,
-        "mean": [round(float(m), 6) for m in preprocess.mean],
-        "std": [round(float(s), 6) for s in preprocess.std],
-        "taps": [{"layer": layer, "shape": list(shape)}
-                 for layer, shape in zip(info.layers, info.tap_shapes, strict=True)],
-        "dtype": "float16",
-        "category": category,
-        "split": split,
-        "files_hash": files_hash(samples, root),
+    """Everything that changes a bank's content; stored beside it and compared on re-runs
+    (a :class:`~patchbank.store.records.BankFingerprint` as its JSON object)."""
+    return BankFingerprint(
+        format=BANK_FORMAT,
+        patchbank_version=__version__,
+        tag=spec.tag(),
+        spec=spec.canonical(),
+        backbone=info.backbone,
+        model_id=info.model_id,
+        weights=info.weights_id,
+        layers=list(info.layers),
+        image_size=preprocess.image_size,
+        crop=preprocess.crop,
+        mean=[round(float(m), 6) for m in preprocess.mean],
+        std=[round(float(s), 6) for s in preprocess.std],
+        taps=[{"layer": layer, "shape": list(shape)}
+              for layer, shape in zip(info.layers, info.tap_shapes, strict=True)],
+        dtype="float16",
+        category=category,
+        split=split,
+        files_hash=files_hash(samples, root),
         # an augmented train bank also holds spec.augment copies of every image
-        "n_images": len(samples) * (1 + (spec.augment if split == "train" else 0)),
-    }
+        n_images=len(samples) * (1 + (spec.augment if split == "train" else 0)),
+    ).to_json()
 
 
 def metadata(samples: Sequence[Sample], augmenter: Augmenter | None = None) -> pd.DataFrame:

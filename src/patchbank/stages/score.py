@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,18 @@ import pandas as pd
 from patchbank import __version__
 from patchbank.core.atomic import file_lock, sweep_stale_temporaries
 from patchbank.core.errors import BankError, PatchbankError
-from patchbank.evaluation.heatmap import map_maxima
+from patchbank.evaluation.holdout import (  # noqa: F401  (re-exported: the score stage's API)
+    HoldoutFit,
+    fit_bank,
+    fit_with_holdout,
+    holdout_rows,
+    holdout_split,
+    shot_indices,
+    shot_rows,
+    subset_bank,
+)
 from patchbank.scorers import make_scorer
+from patchbank.scorers.base import Scorer
 from patchbank.store.banks import (
     SPLITS,
     Bank,
@@ -31,6 +40,7 @@ from patchbank.store.banks import (
     load_pair,
 )
 from patchbank.store.banks import fingerprint_diff as _diff
+from patchbank.store.records import RunInfo
 from patchbank.store.runs import (
     SCORE_COLUMNS,
     RunPaths,
@@ -91,63 +101,6 @@ def run_name(method: str, params: Mapping[str, Any], tag: str, holdout: float,
     return f"{method}-{readable}-{digest.hexdigest()[:8]}"
 
 
-def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split of ``n`` training images into (fit, held-out) index arrays."""
-    n_out = int(round(n * fraction))
-    if fraction <= 0 or n_out < 2 or n - n_out < 2:
-        return np.arange(n), np.arange(0)
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[n_out:]), np.sort(order[:n_out])
-
-
-def shot_indices(n: int, shots: int | None, seed: int) -> np.ndarray:
-    """Training rows a run fits on: all ``n``, or a seeded sorted subset of ``shots`` of them."""
-    if shots is None:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=int(shots), replace=False))
-
-
-def shot_rows(meta: pd.DataFrame, shots: int | None, seed: int
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """(chosen training images' bank rows, every bank row fitted on). Banks extracted with
-    ``--augment`` draw the shots among the original images and keep each one's augmented
-    copies (the ``augment``/``augment_of`` columns), so a shot is an image, not a copy."""
-    augmented = "augment" in meta.columns and "augment_of" in meta.columns
-    originals = np.flatnonzero(meta["augment"].to_numpy() == 0) if augmented \
-        else np.arange(len(meta))
-    chosen = originals[shot_indices(len(originals), shots, seed)]
-    if not augmented or shots is None:
-        return chosen, np.arange(len(meta)) if shots is None else chosen
-    return chosen, np.flatnonzero(np.isin(meta["augment_of"].to_numpy(), chosen))
-
-
-def subset_bank(bank: Bank, rows: np.ndarray) -> Bank:
-    """The bank restricted to the sorted ``rows`` (taps read into memory; metadata re-indexed,
-    ``augment_of`` pointing at the new rows)."""
-    meta = bank.meta.iloc[rows].reset_index(drop=True)
-    if "augment_of" in meta.columns:
-        meta["augment_of"] = np.searchsorted(rows, meta["augment_of"].to_numpy())
-    return Bank({k: np.asarray(v[rows]) for k, v in bank.taps.items()}, meta, bank.fingerprint)
-
-
-def fit_bank(train: Bank, shots: int | None, seed: int) -> Bank:
-    """The train bank a run fits on: all of it, or its few-shot subset (:func:`shot_rows`)."""
-    return train if shots is None else subset_bank(train, shot_rows(train.meta, shots, seed)[1])
-
-
-def holdout_rows(meta: pd.DataFrame, fraction: float, seed: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(rows fitted on, held-out rows) of a train bank for the unsupervised threshold: the
-    split (:func:`holdout_split`) draws among the original images; with ``--augment`` an
-    image's copies follow it into the fitted part and are left out when it is held out."""
-    if "augment_of" not in meta.columns:
-        return holdout_split(len(meta), fraction, seed)
-    originals = np.flatnonzero(meta["augment"].to_numpy() == 0)
-    fit, out = holdout_split(len(originals), fraction, seed)
-    return (np.flatnonzero(np.isin(meta["augment_of"].to_numpy(), originals[fit])),
-            originals[out])
-
-
 def check_finite(bank: Bank, banks_dir: Path, backbone: str, tag: str, category: str,
                  split: str) -> None:
     """Refuse a bank holding NaN or inf (float16 overflow) before any fitting."""
@@ -164,7 +117,7 @@ def check_finite(bank: Bank, banks_dir: Path, backbone: str, tag: str, category:
 
 def input_size(bank: Bank) -> int:
     """Side of the square model input the grid was computed on (the crop when cropping)."""
-    return int(bank.fingerprint.get("crop") or bank.fingerprint["image_size"])
+    return int(bank.record.crop or bank.record.image_size)
 
 
 def score_category(
@@ -201,9 +154,33 @@ def score_category(
         scorer = make_scorer(method, params, device=device)
     except ValueError as err:
         raise PatchbankError(f"--method {method}: {err}") from None
+    tag, train, test, shots = _open_banks(banks_dir, backbone, category, bank, shots)
+    name = name or run_name(method, scorer.params, tag, holdout, seed, shots)
+    paths = RunPaths.of(scores_dir, backbone, name, category)
+    info = RunInfo(method=method, params=scorer.params, holdout=holdout, seed=seed,
+                   shots=shots, banks={"train": train.fingerprint, "test": test.fingerprint},
+                   patchbank_version=__version__)
+    # One writer per run folder: a second score (or evaluate) run waits, then finds it done.
+    with file_lock(paths.lock, on_wait=lambda: log.info(
+            "%s: another score or evaluate run is writing it; waiting", paths.folder)):
+        sweep_stale_temporaries(paths.folder)  # left by killed runs
+        status = _reuse_status(paths, info, overwrite)
+        if status == "skipped":
+            return name, status
+        chosen, _ = shot_rows(train.meta, shots, seed)
+        info.n_train_bank = len(train)
+        info.train_indices = chosen.tolist() if shots is not None else None
+        train = fit_bank(train, shots, seed)
+        _fit_score_write(scorer, backbone, category, name, tag, train, test, paths, info)
+    return name, status
+
+
+def _open_banks(banks_dir: Path, backbone: str, category: str, bank: str | None,
+                shots: int | None) -> tuple[str, Bank, Bank, int | None]:
+    """(tag, train bank, test bank, shots as an int or None). Both banks are validated
+    (files, shapes, train/test consistency, finite values) before anything is fitted, and
+    ``shots`` refused unless 1 .. the train bank's number of images."""
     tag = resolve_tag(banks_dir, backbone, category, bank)
-    # Both banks are validated (files, shapes, train/test consistency, finite values) before
-    # anything is fitted.
     train, test = load_pair(banks_dir, backbone, tag, category)
     check_finite(test, banks_dir, backbone, tag, category, "test")
     n_images = int((train.meta["augment"] == 0).sum()) if "augment" in train.meta.columns \
@@ -212,112 +189,84 @@ def score_category(
         raise PatchbankError(
             f"--shots {shots}: {BankPaths.of(banks_dir, backbone, tag, category, 'train').csv}"
             f" has {n_images} training images; choose 1..{n_images} or leave it out (all)")
-    shots = None if shots is None else int(shots)
-    name = name or run_name(method, scorer.params, tag, holdout, seed, shots)
-    paths = RunPaths.of(scores_dir, backbone, name, category)
-    info: dict[str, Any] = {
-        "method": method,
-        "params": scorer.params,
-        "holdout": holdout,
-        "seed": seed,
-        "shots": shots,
-        "banks": {"train": train.fingerprint, "test": test.fingerprint},
-        "patchbank_version": __version__,
-    }
-    # One writer per run folder: a second score (or evaluate) run waits, then finds it done.
-    with file_lock(paths.lock, on_wait=lambda: log.info(
-            "%s: another score or evaluate run is writing it; waiting", paths.folder)):
-        sweep_stale_temporaries(paths.folder)  # left by killed runs
-        old = read_run_info(paths)
-        status = "computed"
-        if old is None and paths.run_json.exists():
+    return tag, train, test, None if shots is None else int(shots)
+
+
+def _reuse_status(paths: RunPaths, info: RunInfo, overwrite: bool) -> str:
+    """What to do with the run folder: ``"skipped"`` (its complete run has this
+    configuration), else how it will be written (``computed``, ``recomputed``,
+    ``overwritten``)."""
+    old = read_run_info(paths)
+    if old is None:
+        if paths.run_json.exists():
             log.warning("%s: unreadable run.json, recomputing", paths.folder)
-            status = "recomputed"
-        if old is not None:
-            diff = _diff({k: old.get(k) for k in RUN_KEYS}, {k: info[k] for k in RUN_KEYS})
-            damaged = [] if diff else verify_run(paths, old)
-            if not diff and not damaged and not overwrite:
-                log.info("%s: up to date, skipped", paths.folder)
-                return name, "skipped"
-            status = "overwritten" if not diff and not damaged else "recomputed"
-            if diff:
-                log.warning("%s: configuration changed (%s), recomputing", paths.folder,
-                            "; ".join(d[:120] for d in diff))
-            elif damaged:
-                log.warning("%s: damaged (%s), recomputing", paths.folder, "; ".join(damaged))
-        chosen, _ = shot_rows(train.meta, shots, seed)
-        info["n_train_bank"] = len(train)
-        info["train_indices"] = chosen.tolist() if shots is not None else None
-        train = fit_bank(train, shots, seed)
-        _fit_score_write(scorer, method, backbone, category, name, tag, train, test, paths,
-                         info, holdout, seed, device)
-    return name, status
+            return "recomputed"
+        return "computed"
+    new = info.to_json()
+    diff = _diff({k: old.get(k) for k in RUN_KEYS}, {k: new[k] for k in RUN_KEYS})
+    damaged = [] if diff else verify_run(paths, old)
+    if not diff and not damaged and not overwrite:
+        log.info("%s: up to date, skipped", paths.folder)
+        return "skipped"
+    if diff:
+        log.warning("%s: configuration changed (%s), recomputing", paths.folder,
+                    "; ".join(d[:120] for d in diff))
+    elif damaged:
+        log.warning("%s: damaged (%s), recomputing", paths.folder, "; ".join(damaged))
+    return "overwritten" if not diff and not damaged else "recomputed"
 
 
-def _fit_score_write(scorer: Any, method: str, backbone: str, category: str, name: str,
-                     tag: str, train: Bank, test: Bank, paths: RunPaths, info: dict[str, Any],
-                     holdout: float, seed: int, device: str) -> None:
-    """Fit, score, hold out, and write the run (``run.json`` last)."""
-    t0 = time.perf_counter()
+def _fit_score_write(scorer: Scorer, backbone: str, category: str, name: str, tag: str,
+                     train: Bank, test: Bank, paths: RunPaths, info: RunInfo) -> None:
+    """Fit, score, hold out (:func:`fit_with_holdout`), and write the run (``run.json``
+    last)."""
+    split = holdout_rows(train.meta, info.holdout, info.seed)
+    info.holdout_applied = bool(len(split[1]))
+    if info.holdout > 0 and not len(split[1]):
+        log.info("%s/%s: %d training images are too few for a %.0f %% hold-out (needs >= 2 "
+                 "held out and >= 2 left); no unsupervised threshold", backbone, category,
+                 len(train), 100 * info.holdout)
+    geometry = {"image_size": test.record.image_size, "crop": test.record.crop,
+                "input_size": input_size(test), "map_sigma": float(scorer.map_sigma)}
     try:
-        scorer.fit(train.taps)
-        fit_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        scores, maps = scorer.score(test.taps)
+        fitted = fit_with_holdout(scorer, train.taps, split, test=test.taps, geometry=geometry,
+                                  heights=train.meta["height"], widths=train.meta["width"])
     except ValueError as err:
-        raise PatchbankError(f"--method {method}: {err}") from None
-    score_s = time.perf_counter() - t0
+        raise PatchbankError(f"--method {info.method}: {err}") from None
+    maps = fitted.test_maps
     # The old run stops counting as complete before its model is replaced.
     paths.run_json.unlink(missing_ok=True)
     paths.folder.mkdir(parents=True, exist_ok=True)
     model_bytes = scorer.save(paths.model)
-    log.info("%s %s/%s: fit %.1f s, score %.1f s", method, backbone, category, fit_s, score_s)
-
-    train_scores, holdout_s, held_maps = None, None, None
-    fit_idx, out_idx = holdout_rows(train.meta, holdout, seed)
-    info["holdout_applied"] = bool(len(out_idx))
-    if holdout > 0 and not len(out_idx):
-        log.info("%s/%s: %d training images are too few for a %.0f %% hold-out (needs >= 2 "
-                 "held out and >= 2 left); no unsupervised threshold", backbone, category,
-                 len(train), 100 * holdout)
-    if len(out_idx):
-        t0 = time.perf_counter()
-        held = make_scorer(method, scorer.params, device=device).fit(
-            {k: v[fit_idx] for k, v in train.taps.items()})
-        held_scores, held_maps = held.score({k: v[out_idx] for k, v in train.taps.items()})
-        train_scores = pd.DataFrame(
-            {"path": train.meta["path"].to_numpy()[out_idx], "score": held_scores}
-        )
-        holdout_s = round(time.perf_counter() - t0, 3)
-
+    log.info("%s %s/%s: fit %.1f s, score %.1f s", info.method, backbone, category,
+             fitted.fit_s, fitted.score_s)
     meta = test.meta
     table = pd.DataFrame({
         "path": meta["path"], "defect_type": meta["defect_type"], "label": meta["label"],
-        "score": np.asarray(scores, dtype=np.float64), "mask_path": meta["mask_path"],
-        "height": meta["height"], "width": meta["width"],
+        "score": np.asarray(fitted.test_scores, dtype=np.float64),
+        "mask_path": meta["mask_path"], "height": meta["height"], "width": meta["width"],
     })[SCORE_COLUMNS]
-    info.update({
-        "backbone": backbone,
-        "bank": tag,
-        "run": name,
-        "category": category,
-        "layers": list(scorer.layers_),
-        "pixel_level": maps is not None,
-        "map_sigma": float(scorer.map_sigma),
-        "input_size": input_size(test),
-        "crop": test.fingerprint.get("crop"),
-        "image_size": test.fingerprint["image_size"],
-        "grid": list(maps.shape[1:]) if maps is not None else None,
-        "n_train": len(train),
-        "n_test": len(test),
-        "fit_s": round(fit_s, 3),
-        "score_s": round(score_s, 3),
-        "holdout_fit_score_s": holdout_s,
-        "model": {"file": MODEL_FILE, "bytes": model_bytes},
-    })
-    if train_scores is not None and held_maps is not None:
-        # the unsupervised pixel threshold's inputs, so predict needs no refit for it
-        held_meta = train.meta.iloc[out_idx]
-        train_scores["map_max"] = map_maxima(held_maps, info, held_meta["height"],
-                                             held_meta["width"])
-    write_run(paths, table, maps, train_scores, info)
+    info.backbone, info.bank, info.run, info.category = backbone, tag, name, category
+    info.layers = list(scorer.layers_)
+    info.pixel_level = maps is not None
+    info.map_sigma, info.input_size = geometry["map_sigma"], geometry["input_size"]
+    info.crop, info.image_size = geometry["crop"], geometry["image_size"]
+    info.grid = list(maps.shape[1:]) if maps is not None else None
+    info.n_train, info.n_test = len(train), len(test)
+    info.fit_s, info.score_s = round(fitted.fit_s or 0.0, 3), round(fitted.score_s or 0.0, 3)
+    info.holdout_fit_score_s = None if fitted.holdout_s is None else round(fitted.holdout_s, 3)
+    info.model = {"file": MODEL_FILE, "bytes": model_bytes}
+    write_run(paths, table, maps, _held_out_table(train, fitted), info)
+
+
+def _held_out_table(train: Bank, fitted: HoldoutFit) -> pd.DataFrame | None:
+    """``train_scores.csv``: the held-out images' paths and scores, and for pixel-level runs
+    their placed maps' maxima (the unsupervised pixel threshold's inputs, so predict needs no
+    refit for it); None without a hold-out."""
+    if fitted.held_scores is None:
+        return None
+    table = pd.DataFrame({"path": train.meta["path"].to_numpy()[fitted.held_out],
+                          "score": fitted.held_scores})
+    if fitted.held_map_max is not None:
+        table["map_max"] = fitted.held_map_max
+    return table

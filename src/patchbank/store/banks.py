@@ -34,6 +34,7 @@ import pandas as pd
 
 from patchbank.core.atomic import AtomicFile, name_error, preallocate, sweep_stale_temporaries
 from patchbank.core.errors import BankError
+from patchbank.store.records import BankFingerprint
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +48,10 @@ OPTIONAL_COLUMNS = ["augment", "augment_of"]
 def meta_columns_ok(columns: Sequence[str]) -> bool:
     """Whether a bank CSV has the bank columns (plus, for augmented banks, OPTIONAL_COLUMNS)."""
     return list(columns) in (META_COLUMNS, META_COLUMNS + OPTIONAL_COLUMNS)
+
+
 #: Fingerprint keys that differ between the train and test bank of one configuration.
 PER_SPLIT_KEYS = ("split", "files_hash", "n_images")
-#: Fingerprint keys every reader relies on, with their JSON types.
-REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
-    "format": int, "backbone": str, "category": str, "split": str, "image_size": int,
-    "crop": (int, type(None)), "taps": list, "n_images": int, "layers": list, "tag": str,
-}
 
 
 @dataclass
@@ -63,6 +61,12 @@ class Bank:
     taps: dict[int, np.ndarray]  # layer -> (N, h, w, C) float16, finest first
     meta: pd.DataFrame
     fingerprint: dict[str, Any]
+
+    @property
+    def record(self) -> BankFingerprint:
+        """The fingerprint as a validated :class:`BankFingerprint`."""
+        return BankFingerprint.from_json(self.fingerprint, f"bank {self.fingerprint.get('tag')}"
+                                         f" ({self.fingerprint.get('split')})")
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -197,17 +201,9 @@ def check_fingerprint(fp: Any, paths: BankPaths) -> list[str]:
         return ["not a bank fingerprint (no 'format' key)"]
     if fp.get("format") != BANK_FORMAT:
         return [f"bank format {fp.get('format')!r}, this patchbank reads {BANK_FORMAT}"]
-    bad = [f"key {k!r} missing or not {t}" for k, t in REQUIRED_KEYS.items()
-           if not isinstance(fp.get(k), t) or isinstance(fp.get(k), bool)]
-    if bad:
-        return bad
-    if fp["split"] != paths.split:
+    bad = BankFingerprint.problems(fp)
+    if not bad and fp["split"] != paths.split:
         bad.append(f"split {fp['split']!r} in a {paths.split} file")
-    taps = fp["taps"]
-    if not taps or not all(isinstance(t, dict) and isinstance(t.get("layer"), int)
-                           and isinstance(t.get("shape"), list) and len(t["shape"]) == 3
-                           for t in taps):
-        bad.append("taps must be a list of {layer, shape: [h, w, C]}")
     return bad
 
 

@@ -37,6 +37,7 @@ from patchbank.core.atomic import (
     sweep_stale_temporaries,
 )
 from patchbank.core.errors import ScoresError
+from patchbank.store.records import RunInfo
 
 SCORE_COLUMNS = ["path", "defect_type", "label", "score", "mask_path", "height", "width"]
 #: run.json keys that place a pixel-level run's maps on the images (numbers; ``crop`` optional).
@@ -111,15 +112,21 @@ class ScoreRun:
     train_scores: np.ndarray | None
     info: dict[str, Any]
 
+    @property
+    def record(self) -> RunInfo:
+        """``info`` as a validated :class:`RunInfo`."""
+        return RunInfo.from_json(self.info, "run.json")
+
 
 def write_run(
     paths: RunPaths,
     scores: pd.DataFrame,
     maps: np.ndarray | None,
     train_scores: pd.DataFrame | None,
-    info: Mapping[str, Any],
+    info: RunInfo | Mapping[str, Any],
 ) -> None:
-    """Write a run; ``run.json`` goes last (and the old one first) so partial runs never count."""
+    """Write a run; ``run.json`` goes last (and the old one first) so partial runs never count.
+    ``info``: the :class:`RunInfo` (or its JSON object) written as ``run.json``."""
     if list(scores.columns) != SCORE_COLUMNS:
         raise ValueError(f"scores must have columns {SCORE_COLUMNS}")
     if maps is not None and len(maps) != len(scores):
@@ -139,7 +146,8 @@ def write_run(
             train_scores.to_csv(tmp, index=False)
     else:
         paths.train_scores.unlink(missing_ok=True)
-    atomic_write_text(paths.run_json, json.dumps(dict(info), indent=2))
+    data = info.to_json() if isinstance(info, RunInfo) else dict(info)
+    atomic_write_text(paths.run_json, json.dumps(data, indent=2))
 
 
 def read_run_info(paths: RunPaths) -> dict[str, Any] | None:
@@ -226,10 +234,11 @@ def load_run(paths: RunPaths) -> ScoreRun:
         raise ScoresError(f"{paths.folder}: {state}; run `{score_command(paths)}` first"
                           + (" with --overwrite" if paths.run_json.exists() else ""))
     fix = f"re-score with --overwrite: `{score_command(paths, info)} --overwrite`"
+    record = RunInfo.from_json(info, paths.run_json, fix)
     try:
         scores = pd.read_csv(paths.image_scores, keep_default_na=False, dtype={"mask_path": str})
         maps = None
-        if info.get("pixel_level"):
+        if record.pixel_level:
             with np.load(paths.maps, allow_pickle=False) as npz:
                 maps = npz["maps"]
         train = None
