@@ -116,7 +116,8 @@ def image_replicates(labels: Sequence | np.ndarray, scores: Sequence | np.ndarra
     return {"image_auroc": auroc, "image_ap": ap, "image_f1": f1}
 
 
-def _image_problem(labels: np.ndarray, scores: np.ndarray) -> str | None:
+def image_problem(labels: np.ndarray, scores: np.ndarray) -> str | None:
+    """Why image-level intervals are undefined for these labels/scores, else None."""
     if labels.shape != scores.shape or labels.size == 0:
         return f"{labels.size} labels but {scores.size} scores"
     if not np.isfinite(scores).all():
@@ -272,7 +273,7 @@ def bootstrap_replicates(labels: Sequence | np.ndarray, scores: Sequence | np.nd
     out = {k: np.full(n_boot, _NAN) for k in CI_METRICS}
     if n_boot == 0:
         return out
-    problem = _image_problem(y, s)
+    problem = image_problem(y, s)
     if problem is not None:
         log.warning("confidence intervals undefined: %s; reporting NaN", problem)
         return out
