@@ -25,7 +25,8 @@ metrics.py; AUROC: pixels in the same bin count as tied; AP and best Dice: thres
 the edges). The error is below 1e-3 on the tested cases (tests/test_bootstrap.py). When exact
 point estimates are passed (``pixel_points``), every pixel replicate is shifted by the
 approximation's error on the observed sample (exact minus binned value at weights all ones),
-which cancels its bias to first order and keeps degenerate intervals on the exact value.
+which cancels its bias to first order and keeps degenerate intervals on the exact value (the
+shifted replicates are clipped to [0, 1]).
 
 Undefined cases never raise: a single class, constant scores, NaN or inf give NaN intervals
 with a logged reason. Only ``n_boot`` in 1..99 is refused (:class:`ScoresError`).
@@ -289,7 +290,7 @@ def bootstrap_replicates(labels: Sequence | np.ndarray, scores: Sequence | np.nd
     base = pixel_stats.metrics(np.ones(y.size)) if pixel_points else {}
     for k in PIXEL_METRICS:
         shift = float(pixel_points.get(k, _NAN)) - base[k] if pixel_points else 0.0
-        out[k] = reps[k] + (shift if np.isfinite(shift) else 0.0)
+        out[k] = np.clip(reps[k] + (shift if np.isfinite(shift) else 0.0), 0.0, 1.0)
     return out
 
 

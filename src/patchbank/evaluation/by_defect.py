@@ -89,7 +89,8 @@ def _intervals(ys: np.ndarray, ss: np.ndarray, sub: np.ndarray,
         base = stats.metrics(ones)
         for k, v in stats.replicates(w).items():
             if k in BY_DEFECT_METRICS:
-                reps[k] = v + (row[k] - base[k] if np.isfinite(row[k] - base[k]) else 0.0)
+                shift = row[k] - base[k] if np.isfinite(row[k] - base[k]) else 0.0
+                reps[k] = np.clip(v + shift, 0.0, 1.0)
     out = {}
     for k in BY_DEFECT_METRICS:
         if k in reps:

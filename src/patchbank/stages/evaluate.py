@@ -19,6 +19,28 @@ plus ``mean``) and ``<scores_dir>/leaderboard.{csv,md}`` are views computed from
 ``metrics.json`` files when read (:func:`metrics_table`, :func:`leaderboard`) and rewritten
 after each evaluation, so evaluations of different categories running at the same time never
 lose each other's rows. Every file is written atomically (:mod:`patchbank.core.atomic`).
+
+Confidence intervals (``bootstrap`` replicates, default 1000, 0 = off; level ``ci``, default
+0.95; :mod:`patchbank.evaluation.bootstrap`). Each category is resampled within itself
+(stratified: good and defective images separately), seeded by :func:`category_seed` so two
+runs of one category draw the same indices. ``metrics`` gains ``<metric>_lo``/``<metric>_hi``
+(:data:`CI_COLUMNS`, for image_auroc, image_ap, image_f1, pixel_auroc, pro, best_dice; null
+when off or undefined) and the record a ``bootstrap`` entry ``{"n_boot", "ci", "seed",
+"token"}`` (null when off); the key gains ``bootstrap`` ``{"n_boot", "ci", "seed"}``, so a
+change of either re-evaluates. Beside it, ``bootstrap.npz`` holds the replicates (one
+``(n_boot,)`` float64 array per metric of :data:`~patchbank.evaluation.bootstrap.CI_METRICS`,
+NaN where undefined, plus ``token``, equal to the one in ``metrics.json``, so a replicate file
+from another evaluation is never mixed in). The ``mean`` row's interval is the percentile
+interval of the per-replicate mean over categories (replicate r of the mean = mean over
+categories of their replicate r), over the categories where the metric is defined; it is NaN
+when a category has no matching ``bootstrap.npz`` or the categories' settings differ.
+
+Per defect type: ``by_defect.csv`` per category (columns
+:data:`~patchbank.evaluation.by_defect.BY_DEFECT_COLUMNS`) and, as views rewritten with
+``metrics.csv``, ``<backbone>/<method>/metrics_by_defect.csv`` (all categories) and, with the
+leaderboard, ``leaderboard_by_defect.{csv,md}`` (``backbone, method`` first) and
+``defect_heatmap.png`` (defect type x run: image AUROC, and pixel AUROC where any run has it).
+Format 1 files (before intervals) are read as stale and recomputed.
 """
 
 from __future__ import annotations
