@@ -46,4 +46,5 @@ if args.bootstrap:
         except ScoresError as err:
             print(f"skipped {method}: {err}")
             continue
-        print("\n" + pd.Series(boot).to_string(float_format="%.4f"))
+        print("\n" + "\n".join(f"{k:>18} {v:.4f}" if isinstance(v, float) else f"{k:>18} {v}"
+                               for k, v in boot.items()))
