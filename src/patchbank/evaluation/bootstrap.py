@@ -224,6 +224,12 @@ class PixelStats:
         keys = ("pixel_auroc", "pixel_ap", "pro", "best_dice")
         if self.problem is not None:
             return {k: np.full(len(w), _NAN) for k in keys}
+        # chunks of 64 replicates keep the (chunk, bins) temporaries in cache (~3x faster)
+        parts = [self._chunk(w[i:i + 64]) for i in range(0, len(w), 64)]
+        return {k: np.concatenate([p[k] for p in parts]) if parts else np.empty(0)
+                for k in keys}
+
+    def _chunk(self, w: np.ndarray) -> dict[str, np.ndarray]:
         neg, pos = w @ self.neg, w @ self.pos
         neg_ge = np.cumsum(neg[:, ::-1], axis=1)[:, ::-1]  # counts with score >= edge k
         pos_ge = np.cumsum(pos[:, ::-1], axis=1)[:, ::-1]
@@ -233,17 +239,19 @@ class PixelStats:
             precision = np.where(pos > 0, pos_ge / (pos_ge + neg_ge), 0.0)
             ap = (pos * precision).sum(axis=1) / n_pos[:, 0]
             dice = (2 * pos_ge / (pos_ge + neg_ge + n_pos)).max(axis=1)
-            out = {"pixel_auroc": auroc, "pixel_ap": ap, "best_dice": dice,
-                   "pro": self._pro(w, neg_ge / n_neg)}
-        return {k: out[k] for k in keys}
+            return {"pixel_auroc": auroc, "pixel_ap": ap, "best_dice": dice,
+                    "pro": self._pro(w, neg_ge / n_neg)}
 
     def _pro(self, w: np.ndarray, fpr: np.ndarray) -> np.ndarray:
         """Area under PRO(FPR) through the bin edges up to max_fpr, divided by max_fpr."""
         if len(self.region_image) == 0:
             return np.full(len(w), _NAN)
+        # only the edges up to the first one past max_fpr (in every replicate) matter
+        start = max(0, int((fpr > self.max_fpr).sum(axis=1).min()) - 1)
+        fpr = fpr[:, start:]
         wr = w[:, self.region_image]
-        pro = (wr @ self.region_frac) / wr.sum(axis=1, keepdims=True)
-        # thresholds descending, starting at (0, 0): x nondecreasing from 0 to 1
+        pro = (wr @ self.region_frac[:, start:]) / wr.sum(axis=1, keepdims=True)
+        # thresholds descending, starting at (0, 0): x nondecreasing up to past max_fpr
         x = np.concatenate([np.zeros((len(w), 1)), fpr[:, ::-1]], axis=1)
         y = np.concatenate([np.zeros((len(w), 1)), pro[:, ::-1]], axis=1)
         full = x[:, 1:] <= self.max_fpr
