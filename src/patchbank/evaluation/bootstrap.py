@@ -233,14 +233,20 @@ class PixelStats:
         neg, pos = w @ self.neg, w @ self.pos
         neg_ge = np.cumsum(neg[:, ::-1], axis=1)[:, ::-1]  # counts with score >= edge k
         pos_ge = np.cumsum(pos[:, ::-1], axis=1)[:, ::-1]
-        n_neg, n_pos = neg_ge[:, :1], pos_ge[:, :1]
+        n_neg, n_pos = neg_ge[:, 0].copy(), pos_ge[:, 0].copy()
         with np.errstate(invalid="ignore", divide="ignore"):
-            auroc = (pos * (n_neg - neg_ge + 0.5 * neg)).sum(axis=1) / (n_pos * n_neg)[:, 0]
-            precision = np.where(pos > 0, pos_ge / (pos_ge + neg_ge), 0.0)
-            ap = (pos * precision).sum(axis=1) / n_pos[:, 0]
-            dice = (2 * pos_ge / (pos_ge + neg_ge + n_pos)).max(axis=1)
+            # AUROC = 1 - sum_k pos_k * (negatives >= edge k - half the negatives in bin k) / PN
+            neg *= -0.5
+            neg += neg_ge
+            auroc = 1.0 - np.einsum("bk,bk->b", pos, neg) / (n_pos * n_neg)
+            denom = pos_ge + neg_ge
+            np.maximum(denom, 1e-300, out=denom)  # empty top bins of a replicate: precision 0
+            ap = np.einsum("bk,bk->b", pos, pos_ge / denom) / n_pos
+            denom += n_pos[:, None]
+            dice = 2 * np.divide(pos_ge, denom, out=denom).max(axis=1)
+            neg_ge /= n_neg[:, None]
             return {"pixel_auroc": auroc, "pixel_ap": ap, "best_dice": dice,
-                    "pro": self._pro(w, neg_ge / n_neg)}
+                    "pro": self._pro(w, neg_ge)}
 
     def _pro(self, w: np.ndarray, fpr: np.ndarray) -> np.ndarray:
         """Area under PRO(FPR) through the bin edges up to max_fpr, divided by max_fpr."""
