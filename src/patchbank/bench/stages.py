@@ -181,6 +181,63 @@ def bench_evaluate(scores_dir: Path, backbone: str, method: str, category: str,
             "extra_rss_mib": peak_rss_mib() - before, **pixel}
 
 
+def bench_bootstrap_arrays(masks: list, maps: list, labels: np.ndarray, scores: np.ndarray,
+                           defect_types: list[str] | None = None, n_boot: int = 1000,
+                           seed: int = 0) -> dict[str, float]:
+    """Seconds of the point metrics vs the bootstrap intervals (image level alone, the pixel
+    histograms, the pixel replicates) and of the per-defect table, on given masks and maps."""
+    from patchbank.evaluation import bootstrap as bs
+    from patchbank.evaluation import metrics
+    from patchbank.evaluation.by_defect import metrics_by_defect
+
+    t0 = time.perf_counter()
+    point = {"image_auroc": metrics.image_auroc(labels, scores),
+             "image_ap": metrics.image_ap(labels, scores),
+             "image_f1": metrics.best_f1(labels, scores)[0],
+             **metrics.pixel_metrics(masks, maps, progress=False)}
+    t_point = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    image_cis = bs.bootstrap_cis(labels, scores, None, n_boot, seed=seed)
+    t_image = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stats = bs.PixelStats(masks, maps)
+    t_hist = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cis = bs.bootstrap_cis(labels, scores, stats, n_boot, seed=seed, pixel_points=point)
+    t_all = time.perf_counter() - t0
+    row: dict[str, float] = {"images": len(maps), "pixels": sum(np.size(m) for m in maps),
+                             "n_bins": stats.n_bins, "point_s": t_point,
+                             "image_ci_s": t_image, "hist_s": t_hist, "all_ci_s": t_all}
+    if defect_types is not None:
+        t0 = time.perf_counter()
+        metrics_by_defect("bench", labels, scores, defect_types, masks, maps,
+                          pixel_stats=stats, n_boot=n_boot, seed=seed)
+        row["by_defect_s"] = time.perf_counter() - t0
+    row["ci_over_point"] = (t_point + t_hist + t_all) / t_point
+    for k in bs.CI_METRICS:
+        row[k], (row[f"{k}_lo"], row[f"{k}_hi"]) = point[k], cis[k]
+    assert image_cis["image_auroc"] == cis["image_auroc"]
+    return row
+
+
+def bench_bootstrap(scores_dir: Path, backbone: str, method: str, category: str,
+                    data_root: Path | None = None, n_boot: int = 1000) -> dict[str, float]:
+    """:func:`bench_bootstrap_arrays` on a real score run's masks and maps (at full mask
+    resolution, as the evaluate stage), plus the seconds to build those maps."""
+    from patchbank.stages.evaluate import masks_and_maps
+    from patchbank.store.runs import RunPaths, load_run
+
+    run = load_run(RunPaths.of(scores_dir, backbone, method, category))
+    t0 = time.perf_counter()
+    masks, maps = masks_and_maps(run, category, data_root)
+    t_maps = time.perf_counter() - t0
+    df = run.scores
+    row = bench_bootstrap_arrays(masks, maps, df["label"].to_numpy(int),
+                                 df["score"].to_numpy(float),
+                                 df["defect_type"].astype(str).tolist(), n_boot)
+    return {"method": method, "maps_s": t_maps, **row}
+
+
 def coreset_points(banks_dir: Path, backbone: str, category: str, tag: str | None = None,
                    proj_dim: int = 128, seed: int = 0) -> np.ndarray:
     """PatchCore's coreset input for one train bank: its aggregated patch features, projected

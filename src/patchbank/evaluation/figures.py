@@ -328,3 +328,36 @@ def write_category_figures(run: ScoreRun, category: str, out_dir: Path, max_side
                                            vmax=vmax))
     log.info("%s: wrote %d figures to %s", category, len(written), out_dir)
     return written
+
+
+# --------------------------------------------------------------------------- per defect type
+
+
+def defect_heatmap(table: pd.DataFrame, path: Path) -> Path:
+    """Defect type (rows: ``category/defect_type``) x run (``backbone/method``) heatmap of
+    image AUROC in percent, with a second panel of pixel AUROC when any run has it.
+
+    ``table``: rows with columns ``backbone, method, category, defect_type, image_auroc,
+    pixel_auroc`` (:func:`patchbank.stages.evaluate.leaderboard_by_defect`).
+    """
+    t = table.assign(row=table["category"].astype(str) + "/" + table["defect_type"].astype(str),
+                     run=table["backbone"].astype(str) + "/" + table["method"].astype(str))
+    panels = [c for c in ("image_auroc", "pixel_auroc")
+              if c in t and pd.to_numeric(t[c], errors="coerce").notna().any()]
+    if not panels:
+        panels = ["image_auroc"]
+    n_rows, n_runs = t["row"].nunique(), t["run"].nunique()
+    width = (2.5 + 0.9 * n_runs) * len(panels)
+    fig = _new_figure(max(4.0, width), max(2.5, 0.35 * n_rows + 1.5))
+    for i, col in enumerate(panels):
+        grid = t.pivot_table(index="row", columns="run", values=col, aggfunc="first",
+                             dropna=False).astype(float) * 100
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        sns.heatmap(grid, ax=ax, annot=True, fmt=".1f", vmin=50, vmax=100, cmap="viridis",
+                    cbar=i == len(panels) - 1, annot_kws={"size": 7})
+        ax.set_title(col.replace("_", " "))
+        ax.set_xlabel("")
+        ax.set_ylabel("defect type" if i == 0 else "")
+        if i:
+            ax.set_yticklabels([])
+    return _save(fig, path)

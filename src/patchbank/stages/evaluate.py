@@ -19,6 +19,28 @@ plus ``mean``) and ``<scores_dir>/leaderboard.{csv,md}`` are views computed from
 ``metrics.json`` files when read (:func:`metrics_table`, :func:`leaderboard`) and rewritten
 after each evaluation, so evaluations of different categories running at the same time never
 lose each other's rows. Every file is written atomically (:mod:`patchbank.core.atomic`).
+
+Confidence intervals (``bootstrap`` replicates, default 1000, 0 = off; level ``ci``, default
+0.95; :mod:`patchbank.evaluation.bootstrap`). Each category is resampled within itself
+(stratified: good and defective images separately), seeded by :func:`category_seed` so two
+runs of one category draw the same indices. ``metrics`` gains ``<metric>_lo``/``<metric>_hi``
+(:data:`CI_COLUMNS`, for image_auroc, image_ap, image_f1, pixel_auroc, pro, best_dice; null
+when off or undefined) and the record a ``bootstrap`` entry ``{"n_boot", "ci", "seed",
+"token"}`` (null when off); the key gains ``bootstrap`` ``{"n_boot", "ci", "seed"}``, so a
+change of either re-evaluates. Beside it, ``bootstrap.npz`` holds the replicates (one
+``(n_boot,)`` float64 array per metric of :data:`~patchbank.evaluation.bootstrap.CI_METRICS`,
+NaN where undefined, plus ``token``, equal to the one in ``metrics.json``, so a replicate file
+from another evaluation is never mixed in). The ``mean`` row's interval is the percentile
+interval of the per-replicate mean over categories (replicate r of the mean = mean over
+categories of their replicate r), over the categories where the metric is defined; it is NaN
+when a category has no matching ``bootstrap.npz`` or the categories' settings differ.
+
+Per defect type: ``by_defect.csv`` per category (columns
+:data:`~patchbank.evaluation.by_defect.BY_DEFECT_COLUMNS`) and, as views rewritten with
+``metrics.csv``, ``<backbone>/<method>/metrics_by_defect.csv`` (all categories) and, with the
+leaderboard, ``leaderboard_by_defect.{csv,md}`` (``backbone, method`` first) and
+``defect_heatmap.png`` (defect type x run: image AUROC, and pixel AUROC where any run has it).
+Format 1 files (before intervals) are read as stale and recomputed.
 """
 
 from __future__ import annotations
@@ -28,6 +50,8 @@ import json
 import logging
 import math
 import os
+import uuid
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +62,7 @@ from tqdm.auto import tqdm
 
 from patchbank import __version__
 from patchbank.core.atomic import (
+    atomic_open,
     atomic_path,
     atomic_write_text,
     file_lock,
@@ -45,8 +70,10 @@ from patchbank.core.atomic import (
 )
 from patchbank.core.errors import ITEM_ERRORS, PartialFailure, ScoresError
 from patchbank.data.mvtec import load_mask
+from patchbank.evaluation import bootstrap as bs
 from patchbank.evaluation import metrics
-from patchbank.evaluation.figures import write_category_figures
+from patchbank.evaluation.by_defect import BY_DEFECT_COLUMNS, metrics_by_defect
+from patchbank.evaluation.figures import defect_heatmap, write_category_figures
 from patchbank.evaluation.geometry import reroot, resize_mask, run_map
 from patchbank.store.runs import RunPaths, ScoreRun, load_run
 
@@ -60,9 +87,18 @@ EXTRA_COLUMNS = [
     "f1_threshold", "f1_precision", "f1_recall", "unsup_threshold", "unsup_precision",
     "unsup_recall", "unsup_f1", "eval_resolution", "n_test", "shots", "seed", "n_train",
 ]
-COLUMNS = METRIC_COLUMNS + EXTRA_COLUMNS
+#: Bootstrap interval bounds: ``<metric>_lo``, ``<metric>_hi`` per metric of bs.CI_METRICS.
+CI_COLUMNS = [f"{m}_{end}" for m in bs.CI_METRICS for end in ("lo", "hi")]
+COLUMNS = METRIC_COLUMNS + EXTRA_COLUMNS + CI_COLUMNS
 TEXT_COLUMNS = ("category", "eval_resolution")
-METRICS_FORMAT = 1
+METRICS_FORMAT = 2
+#: The bootstrap's base seed (each category draws with category_seed(BOOTSTRAP_SEED, name)).
+BOOTSTRAP_SEED = 0
+#: Per category: the bootstrap replicates (for the mean's interval) and per-defect rows.
+REPLICATES_NAME = "bootstrap.npz"
+BY_DEFECT_NAME = "by_defect.csv"
+#: Per backbone/method: every category's per-defect rows (a view, like metrics.csv).
+BY_DEFECT_RUN_NAME = "metrics_by_defect.csv"
 #: Lock file (in the scores folder) serialising rewrites of the derived tables.
 LOCK_NAME = ".evaluate.lock"
 
@@ -86,9 +122,22 @@ def masks_and_maps(run: ScoreRun, category: str, data_root: Path | None = None,
     return masks, maps
 
 
+def category_seed(seed: int, category: str) -> int:
+    """The bootstrap seed of one category: categories draw independently of each other, and
+    two runs of the same category draw the same indices (for paired comparisons)."""
+    return int(seed) ^ zlib.crc32(category.encode())
+
+
 def evaluate_run(run: ScoreRun, category: str, data_root: Path | None = None,
-                 eval_size: int | None = None) -> dict[str, Any]:
-    """All metrics of one category's run (NaN for pixel metrics of image-level runs)."""
+                 eval_size: int | None = None, *, bootstrap: int = 0, ci: float = 0.95,
+                 seed: int = BOOTSTRAP_SEED, extras: dict[str, Any] | None = None,
+                 ) -> dict[str, Any]:
+    """All metrics of one category's run (NaN for pixel metrics of image-level runs).
+
+    ``bootstrap`` replicates (0: none) give the ``_lo``/``_hi`` columns at level ``ci``. When
+    ``extras`` is a dict it receives ``replicates`` ({metric: (bootstrap,) array}) and
+    ``by_defect`` (the per-defect-type table, :func:`metrics_by_defect`).
+    """
     df = run.scores
     labels, scores = df["label"].to_numpy(int), df["score"].to_numpy(float)
     row: dict[str, Any] = {"category": category, "n_test": len(df)}
@@ -105,11 +154,23 @@ def evaluate_run(run: ScoreRun, category: str, data_root: Path | None = None,
                    unsup_recall=m["recall"], unsup_f1=m["f1"])
     pixel = dict.fromkeys(("pixel_auroc", "pixel_ap", "pro", "best_dice"), float("nan"))
     has_masks = bool((df["mask_path"] != "").any())
+    masks = maps = stats = None
     if run.maps is not None and has_masks:
         masks, maps = masks_and_maps(run, category, data_root, eval_size)
         pixel = metrics.pixel_metrics(masks, maps)
         row["eval_resolution"] = f"{eval_size}px" if eval_size else "original"
+        stats = bs.PixelStats(masks, maps) if bootstrap else None
     row.update(pixel)
+    cat_seed = category_seed(seed, category)
+    reps = bs.bootstrap_replicates(labels, scores, stats, bootstrap, cat_seed,
+                                   pixel_points=pixel)
+    for k, v in reps.items():
+        row[f"{k}_lo"], row[f"{k}_hi"] = bs.percentile_interval(v, ci)
+    if extras is not None:
+        extras["replicates"] = reps
+        extras["by_defect"] = metrics_by_defect(
+            category, labels, scores, df["defect_type"].astype(str).tolist(), masks, maps,
+            pixel_stats=stats, n_boot=bootstrap, ci=ci, seed=cat_seed)
     row.update(metrics.composite_scores(row["image_auroc"], row["image_ap"],
                                         row["pixel_auroc"], row["best_dice"]))
     info = run.record
@@ -131,12 +192,13 @@ def _stat(path: Path) -> list[int] | None:
 
 
 def evaluation_key(paths: RunPaths, category: str, data_root: Path | None = None,
-                   eval_size: int | None = None) -> dict[str, Any] | None:
+                   eval_size: int | None = None, bootstrap: int = 0, ci: float = 0.95,
+                   ) -> dict[str, Any] | None:
     """What one category's metrics depend on, as JSON values; None when the run is unreadable.
 
     ``run``: sha256 of ``run.json``; ``files``: size and mtime of the score files; ``masks``:
     sha256 over the (re-rooted) mask paths with their sizes and mtimes; ``eval_size``;
-    ``patchbank_version`` (metric code changes with it).
+    ``bootstrap``: ``{"n_boot", "ci", "seed"}`` (null when off); ``patchbank_version``.
     """
     try:
         run_hash = hashlib.sha256(paths.run_json.read_bytes()).hexdigest()
@@ -155,6 +217,8 @@ def evaluation_key(paths: RunPaths, category: str, data_root: Path | None = None
         "files": {p.name: _stat(p) for p in (paths.image_scores, paths.maps, paths.train_scores)},
         "masks": digest.hexdigest(),
         "eval_size": int(eval_size) if eval_size else None,
+        "bootstrap": {"n_boot": int(bootstrap), "ci": float(ci), "seed": BOOTSTRAP_SEED}
+        if bootstrap else None,
         "patchbank_version": __version__,
     }
 
@@ -169,12 +233,15 @@ def _to_json(value: Any) -> Any:
 
 def write_metrics(paths: RunPaths, backbone: str, method: str, category: str,
                   key: Mapping[str, Any] | None, row: Mapping[str, Any],
-                  figures: Sequence[str] | None) -> None:
-    """Write one category's ``metrics.json`` (atomically)."""
+                  figures: Sequence[str] | None,
+                  bootstrap: Mapping[str, Any] | None = None) -> None:
+    """Write one category's ``metrics.json`` (atomically); ``bootstrap``: the record's
+    ``{"n_boot", "ci", "seed", "token"}`` naming its ``bootstrap.npz`` (None: none)."""
     record = {
         "format": METRICS_FORMAT, "backbone": backbone, "method": method, "category": category,
         "key": key, "metrics": {c: _to_json(row.get(c)) for c in COLUMNS},
         "figures": None if figures is None else list(figures),
+        "bootstrap": None if bootstrap is None else dict(bootstrap),
     }
     atomic_write_text(paths.metrics_json, json.dumps(record, indent=2, allow_nan=False) + "\n")
 
@@ -187,6 +254,11 @@ def read_metrics(path: Path) -> dict[str, Any] | None:
         return None
     except (OSError, ValueError) as err:
         log.warning("%s: unreadable (%s); the category will be re-evaluated", path, err)
+        return None
+    if isinstance(record, dict) and isinstance(record.get("format"), int) and \
+            record["format"] < METRICS_FORMAT:
+        log.warning("%s: written by an older patchbank (format %d, now %d); the category will "
+                    "be re-evaluated", path, record["format"], METRICS_FORMAT)
         return None
     ok = isinstance(record, dict) and record.get("format") == METRICS_FORMAT and \
         isinstance(record.get("metrics"), dict) and \
@@ -210,13 +282,16 @@ def _figures_present(record: Mapping[str, Any], fig_dir: Path) -> bool:
 
 def evaluate_category(scores_dir: Path, backbone: str, method: str, category: str,
                       data_root: Path | None = None, eval_size: int | None = None,
-                      figures: bool = True, overwrite: bool = False) -> str:
+                      figures: bool = True, overwrite: bool = False, *,
+                      bootstrap: int = 1000, ci: float = 0.95) -> str:
     """Evaluate one category's run into its ``metrics.json``; returns what happened.
 
     ``"skipped"`` when its key still matches (figures are drawn if asked for and missing),
     else ``"computed"``, ``"recomputed"`` (stale) or ``"overwritten"`` (``overwrite``).
-    Figures are redrawn whenever the metrics are recomputed.
+    Figures are redrawn whenever the metrics are recomputed. ``bootstrap`` replicates (0: no
+    intervals, else >= 100) at level ``ci``; both are part of the evaluation key.
     """
+    bootstrap, ci = bs.check_n_boot(bootstrap), bs.check_ci(ci)
     paths = RunPaths.of(scores_dir, backbone, method, category)
     if not paths.folder.is_dir():
         load_run(paths)  # the one-line "no complete score run; run ..." error
@@ -225,21 +300,22 @@ def evaluate_category(scores_dir: Path, backbone: str, method: str, category: st
     with file_lock(paths.lock, on_wait=lambda: log.info(
             "%s: another score or evaluate run is writing it; waiting", paths.folder)):
         return _evaluate_category(paths, scores_dir, backbone, method, category, data_root,
-                                  eval_size, figures, overwrite)
+                                  eval_size, figures, overwrite, bootstrap, ci)
 
 
 def _evaluate_category(paths: RunPaths, scores_dir: Path, backbone: str, method: str,
                        category: str, data_root: Path | None, eval_size: int | None,
-                       figures: bool, overwrite: bool) -> str:
+                       figures: bool, overwrite: bool, bootstrap: int, ci: float) -> str:
     fig_dir = Path(scores_dir, backbone, method, "figures")
     name = f"{backbone}/{method}/{category}"
-    key = evaluation_key(paths, category, data_root, eval_size)
+    key = evaluation_key(paths, category, data_root, eval_size, bootstrap, ci)
     stored = read_metrics(paths.metrics_json)
     if stored is not None and key is not None and stored.get("key") == key and not overwrite:
         log.info("%s: up to date, skipped", name)
         if figures and not _figures_present(stored, fig_dir):
             drawn = _draw(load_run(paths), category, fig_dir, data_root, stored)
-            write_metrics(paths, backbone, method, category, key, stored["metrics"], drawn)
+            write_metrics(paths, backbone, method, category, key, stored["metrics"], drawn,
+                          stored.get("bootstrap"))
         return "skipped"
     status = "computed" if stored is None else "overwritten" if overwrite and \
         stored.get("key") == key else "recomputed"
@@ -247,12 +323,35 @@ def _evaluate_category(paths: RunPaths, scores_dir: Path, backbone: str, method:
         log.info("%s: run, masks or settings changed since the last evaluation, recomputing",
                  name)
     run = load_run(paths)
-    row = evaluate_run(run, category, data_root, eval_size)
-    log.info("%s: image AUROC %.4f, pixel AUROC %.4f, PRO %.4f", name, row["image_auroc"],
+    extras: dict[str, Any] = {}
+    row = evaluate_run(run, category, data_root, eval_size, bootstrap=bootstrap, ci=ci,
+                       extras=extras)
+    log.info("%s: image AUROC %.4f [%.4f, %.4f], pixel AUROC %.4f, PRO %.4f", name,
+             row["image_auroc"], row["image_auroc_lo"], row["image_auroc_hi"],
              row["pixel_auroc"], row["pro"])
     drawn = _draw(run, category, fig_dir, data_root, stored) if figures else None
-    write_metrics(paths, backbone, method, category, key, row, drawn)
+    boot = _write_extras(paths, extras, bootstrap, ci)
+    write_metrics(paths, backbone, method, category, key, row, drawn, boot)
     return status
+
+
+def _write_extras(paths: RunPaths, extras: Mapping[str, Any], bootstrap: int,
+                  ci: float) -> dict[str, Any] | None:
+    """Write a category's ``metrics_by_defect.csv`` and (bootstrap on) ``bootstrap.npz``
+    before its ``metrics.json``; returns the latter's record (None when off)."""
+    by_defect = paths.folder / BY_DEFECT_NAME
+    if extras.get("by_defect") is not None:
+        with atomic_path(by_defect) as tmp:
+            extras["by_defect"].to_csv(tmp, index=False, float_format="%.6g")
+    npz = paths.folder / REPLICATES_NAME
+    if not bootstrap or "replicates" not in extras:
+        npz.unlink(missing_ok=True)
+        return None
+    token = uuid.uuid4().hex
+    with atomic_open(npz) as f:
+        np.savez(f, token=np.array(token), **{k: np.asarray(v, np.float64)
+                                               for k, v in extras["replicates"].items()})
+    return {"n_boot": bootstrap, "ci": ci, "seed": BOOTSTRAP_SEED, "token": token}
 
 
 def _draw(run: ScoreRun, category: str, fig_dir: Path, data_root: Path | None,
@@ -270,15 +369,17 @@ def _draw(run: ScoreRun, category: str, fig_dir: Path, data_root: Path | None,
 def evaluate(scores_dir: Path, backbone: str, method: str, categories: Sequence[str],
              data_root: Path | None = None, eval_size: int | None = None,
              figures: bool = True, overwrite: bool = False, *,
-             fail_fast: bool = True) -> pd.DataFrame:
+             fail_fast: bool = True, bootstrap: int = 1000, ci: float = 0.95) -> pd.DataFrame:
     """Evaluate one (backbone, method) over categories (each skipped when up to date); writes
     their ``metrics.json``, figures and ``metrics.csv``; returns the table of every category
     evaluated so far for this backbone and method (:func:`metrics_table`).
 
     ``fail_fast=False`` goes on past a category that fails (a user-facing error, a disk
     error, memory), writes the table of the others, then raises :class:`PartialFailure` with
-    every failure and the table as its ``result``.
+    every failure and the table as its ``result``. ``bootstrap``/``ci``: the confidence
+    intervals (:func:`evaluate_category`).
     """
+    bootstrap, ci = bs.check_n_boot(bootstrap), bs.check_ci(ci)
     for folder in (Path(scores_dir), Path(scores_dir, backbone, method),
                    Path(scores_dir, backbone, method, "figures"),
                    *(Path(scores_dir, backbone, method, c) for c in categories)):
@@ -287,7 +388,7 @@ def evaluate(scores_dir: Path, backbone: str, method: str, categories: Sequence[
     for category in categories:
         try:
             evaluate_category(scores_dir, backbone, method, category, data_root, eval_size,
-                              figures, overwrite)
+                              figures, overwrite, bootstrap=bootstrap, ci=ci)
         except ITEM_ERRORS as err:
             if fail_fast:
                 raise
@@ -307,20 +408,75 @@ def evaluate(scores_dir: Path, backbone: str, method: str, categories: Sequence[
 def metrics_table(scores_dir: Path, backbone: str, method: str) -> pd.DataFrame:
     """One row per category with a ``metrics.json``, sorted by category, then their ``mean``
     (columns :data:`COLUMNS`); an empty table when nothing was evaluated."""
-    rows = []
-    for path in sorted(Path(scores_dir, backbone, method).glob("*/metrics.json")):
-        record = read_metrics(path)
-        if record is not None:
-            rows.append(record["metrics"])
-    table = pd.DataFrame(rows, columns=COLUMNS)
+    records = _records(scores_dir, backbone, method)
+    table = pd.DataFrame([r["metrics"] for _, r in records], columns=COLUMNS)
     if table.empty:
         return table
     numeric = [c for c in COLUMNS if c not in TEXT_COLUMNS]
     table[numeric] = table[numeric].apply(pd.to_numeric, errors="coerce").astype(float)
-    table = table.sort_values("category", kind="stable").reset_index(drop=True)
     mean = table.drop(columns=list(TEXT_COLUMNS)).mean(numeric_only=True).to_dict()
+    mean.update(_mean_intervals(records))
     mean.update(category="mean", eval_resolution=table["eval_resolution"].iloc[0])
     return pd.concat([table, pd.DataFrame([mean])], ignore_index=True)[COLUMNS]
+
+
+def _records(scores_dir: Path, backbone: str, method: str) -> list[tuple[Path, dict]]:
+    """(category folder, well-formed metrics.json record) per evaluated category, by name."""
+    out = []
+    for path in sorted(Path(scores_dir, backbone, method).glob("*/metrics.json"),
+                       key=lambda p: p.parent.name):
+        record = read_metrics(path)
+        if record is not None:
+            out.append((path.parent, record))
+    return out
+
+
+def _mean_intervals(records: Sequence[tuple[Path, Mapping[str, Any]]]) -> dict[str, float]:
+    """The mean row's intervals: replicate r of the mean = the mean over categories of each
+    category's replicate r (each category resampled within itself), from ``bootstrap.npz``.
+    A metric averages the categories where it is defined, as the mean row's point values."""
+    out = dict.fromkeys(CI_COLUMNS, float("nan"))
+    boots = [r.get("bootstrap") for _, r in records]
+    if not boots or not all(isinstance(b, dict) for b in boots):
+        return out
+    settings = {(b.get("n_boot"), b.get("ci")) for b in boots}
+    if len(settings) != 1:
+        log.warning("%s: categories evaluated with different bootstrap settings %s; no "
+                    "interval for the mean", records[0][0].parent, sorted(settings))
+        return out
+    reps = []
+    for (folder, _), b in zip(records, boots, strict=True):
+        try:
+            with np.load(folder / REPLICATES_NAME, allow_pickle=False) as npz:
+                if str(npz["token"]) != b.get("token"):
+                    raise ValueError("token differs from metrics.json")
+                reps.append({k: npz[k] for k in bs.CI_METRICS})
+        except (OSError, ValueError, KeyError) as err:
+            log.warning("%s: %s unreadable (%s); no interval for the mean; re-evaluate with "
+                        "--overwrite", folder, REPLICATES_NAME, err)
+            return out
+    ci = float(next(iter(settings))[1])
+    for k in bs.CI_METRICS:
+        vecs = [r[k] for r, (_, rec) in zip(reps, records, strict=True)
+                if np.isfinite(float(rec["metrics"][k])) and np.isfinite(r[k]).any()]
+        if vecs:
+            out[f"{k}_lo"], out[f"{k}_hi"] = bs.percentile_interval(np.mean(vecs, axis=0), ci)
+    return out
+
+
+def by_defect_table(scores_dir: Path, backbone: str, method: str) -> pd.DataFrame:
+    """Every evaluated category's per-defect-type rows (columns :data:`BY_DEFECT_COLUMNS`)."""
+    parts = []
+    for folder, _ in _records(scores_dir, backbone, method):
+        try:
+            parts.append(pd.read_csv(folder / BY_DEFECT_NAME, keep_default_na=False,
+                                     na_values=[""], dtype={"defect_type": str}))
+        except (OSError, ValueError):
+            continue  # evaluated before per-defect metrics existed
+    parts = [p for p in parts if list(p.columns) == BY_DEFECT_COLUMNS and not p.empty]
+    if not parts:
+        return pd.DataFrame(columns=BY_DEFECT_COLUMNS)
+    return pd.concat(parts, ignore_index=True)
 
 
 def write_metrics_table(scores_dir: Path, backbone: str, method: str) -> pd.DataFrame:
@@ -332,6 +488,10 @@ def write_metrics_table(scores_dir: Path, backbone: str, method: str) -> pd.Data
             with atomic_path(out) as tmp:
                 table.to_csv(tmp, index=False, float_format="%.6g")
             log.info("wrote %s (%d categories)", out, len(table) - 1)
+        by_defect = by_defect_table(scores_dir, backbone, method)
+        if not by_defect.empty:
+            with atomic_path(out.with_name(BY_DEFECT_RUN_NAME)) as tmp:
+                by_defect.to_csv(tmp, index=False, float_format="%.6g")
     return table
 
 
@@ -357,21 +517,61 @@ def leaderboard_table(scores_dir: Path) -> pd.DataFrame:
     return board.reset_index(drop=True)
 
 
+def leaderboard_by_defect(scores_dir: Path) -> pd.DataFrame:
+    """Every evaluated backbone x method's per-defect rows, with ``backbone, method`` first."""
+    parts = []
+    for folder in sorted({p.parent.parent for p in Path(scores_dir).glob("*/*/*/metrics.json")}):
+        table = by_defect_table(scores_dir, folder.parent.name, folder.name)
+        if not table.empty:
+            parts.append(table.assign(backbone=folder.parent.name, method=folder.name))
+    if not parts:
+        return pd.DataFrame(columns=["backbone", "method", *BY_DEFECT_COLUMNS])
+    return pd.concat(parts, ignore_index=True)[["backbone", "method", *BY_DEFECT_COLUMNS]]
+
+
 def leaderboard(scores_dir: Path) -> pd.DataFrame:
-    """:func:`leaderboard_table`, also written to ``leaderboard.csv`` and ``leaderboard.md``."""
+    """:func:`leaderboard_table`, also written to ``leaderboard.csv`` and ``leaderboard.md``;
+    the per-defect view to ``leaderboard_by_defect.{csv,md}`` and ``defect_heatmap.png``."""
     with file_lock(Path(scores_dir, LOCK_NAME)):
         board = leaderboard_table(scores_dir)
         if not board.empty:
             with atomic_path(Path(scores_dir, "leaderboard.csv")) as tmp:
                 board.to_csv(tmp, index=False, float_format="%.6g")
             atomic_write_text(Path(scores_dir, "leaderboard.md"), leaderboard_markdown(board))
+        by_defect = leaderboard_by_defect(scores_dir)
+        if not by_defect.empty:
+            with atomic_path(Path(scores_dir, "leaderboard_by_defect.csv")) as tmp:
+                by_defect.to_csv(tmp, index=False, float_format="%.6g")
+            cols = ["backbone", "method", "category", "defect_type", "n_images",
+                    "image_auroc", "image_ap", "pixel_auroc", "pro", "best_dice"]
+            atomic_write_text(Path(scores_dir, "leaderboard_by_defect.md"),
+                              leaderboard_markdown(by_defect, cols))
+            defect_heatmap(by_defect, Path(scores_dir, "defect_heatmap.png"))
     return board
 
 
-def leaderboard_markdown(board: pd.DataFrame) -> str:
-    """A Markdown table of the leaderboard's main columns (metrics in percent)."""
-    cols = ["backbone", "method", "categories", "image_auroc", "image_ap", "image_f1",
-            "pixel_auroc", "pro", "best_dice", "overall_score", "fit_s", "score_s"]
+def _cell(r: Mapping[str, Any], c: str) -> str:
+    """A metric in percent, with its interval as ``98.5 [97.1, 99.4]`` when it has one (an
+    interval that rounds to the point value itself is left out)."""
+    v = r.get(c)
+    if not isinstance(v, float | np.floating):
+        return str(v)
+    if np.isnan(v):
+        return "–"
+    point = f"{100 * v:.1f}"
+    lo, hi = r.get(f"{c}_lo"), r.get(f"{c}_hi")
+    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
+        return point
+    lo_s, hi_s = f"{100 * float(lo):.1f}", f"{100 * float(hi):.1f}"
+    return point if lo_s == hi_s == point else f"{point} [{lo_s}, {hi_s}]"
+
+
+def leaderboard_markdown(board: pd.DataFrame, cols: Sequence[str] | None = None) -> str:
+    """A Markdown table of the leaderboard's main columns (metrics in percent, intervals in
+    brackets)."""
+    cols = list(cols or ["backbone", "method", "categories", "image_auroc", "image_ap",
+                         "image_f1", "pixel_auroc", "pro", "best_dice", "overall_score",
+                         "fit_s", "score_s"])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in board.iterrows():
         cells = []
@@ -379,9 +579,9 @@ def leaderboard_markdown(board: pd.DataFrame) -> str:
             v = r.get(c)
             if c.endswith("_s"):
                 cells.append("" if pd.isna(v) else f"{float(v):.1f}")
-            elif isinstance(v, float | np.floating):
-                cells.append("–" if np.isnan(v) else f"{100 * v:.1f}")
+            elif c == "n_images":
+                cells.append(str(int(v)))
             else:
-                cells.append(str(v))
+                cells.append(_cell(r, c))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -93,6 +93,8 @@ def run_pipeline(
     batch_size: int = 16,
     image_cache: bool = True,
     fail_fast: bool = True,
+    bootstrap: int = 1000,
+    ci: float = 0.95,
 ) -> pd.DataFrame:
     """Run every stage for every extraction spec x method; returns (and writes) the leaderboard.
 
@@ -102,6 +104,7 @@ def run_pipeline(
     later stages skip only what failed, and at the end :class:`PartialFailure` lists every
     failure, with the leaderboard as its ``result``. ``shots``/``seed``: the few-shot protocol
     of :func:`patchbank.stages.score.score_category` (``None``: every training image).
+    ``bootstrap``/``ci``: the evaluation's confidence intervals (:func:`evaluate`).
     """
     root = Path(data_root) if data_root is not None else ensure_demo_dataset()
     categories = resolve_categories(root, category)
@@ -148,7 +151,7 @@ def run_pipeline(
             for name in sorted(scored):
                 attempt(f"{used.backbone}/{name}", evaluate, scores_dir, used.backbone, name,
                         scored[name], data_root=root, eval_size=eval_size, figures=figures,
-                        overwrite=overwrite, fail_fast=fail_fast)
+                        overwrite=overwrite, fail_fast=fail_fast, bootstrap=bootstrap, ci=ci)
     board = leaderboard(scores_dir)
     if failures:
         raise PartialFailure(failures, result=board)
