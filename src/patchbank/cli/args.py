@@ -58,6 +58,15 @@ def add_run_choice(p: argparse.ArgumentParser, required: bool = True) -> None:
                         "unique prefix of it (the score stage prints it)")
 
 
+def add_bootstrap(p: argparse.ArgumentParser) -> None:
+    """--bootstrap B, --ci LEVEL: the evaluation's confidence intervals."""
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="B",
+                   help="stratified bootstrap replicates for the metrics' intervals (0: no "
+                        "intervals; at least 100 otherwise)")
+    p.add_argument("--ci", type=float, default=0.95, metavar="LEVEL",
+                   help="confidence level of the percentile intervals")
+
+
 def add_shots(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shots", type=_shots, default=None,
                    help="few-shot: fit on this many seeded training images ('all': every one; "

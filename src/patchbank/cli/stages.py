@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from patchbank.cli.args import (
+    add_bootstrap,
     add_common,
     add_extract,
     add_holdout,
@@ -127,6 +128,7 @@ def evaluate_main(argv: Sequence[str] | None = None, prog: str | None = None) ->
                         "full resolution)")
     p.add_argument("--no-figures", action="store_true",
                    help="skip heatmaps, curves and histograms")
+    add_bootstrap(p)
     add_common(p)
     add_scores_dir(p)
 
@@ -154,7 +156,7 @@ def evaluate_main(argv: Sequence[str] | None = None, prog: str | None = None) ->
                     report(ref.name, evaluate(
                         args.scores_dir, args.backbone, ref.name, cats, args.data_root,
                         args.eval_size, figures=not args.no_figures, overwrite=args.overwrite,
-                        fail_fast=args.fail_fast))
+                        fail_fast=args.fail_fast, bootstrap=args.bootstrap, ci=args.ci))
                 except PartialFailure as err:  # some categories failed, the others finished
                     report(ref.name, err.result)
                     failures += err.failures
@@ -178,6 +180,7 @@ def run_main(argv: Sequence[str] | None = None, prog: str | None = None) -> None
                    help="evaluate pixel metrics at this longer side (default: full resolution)")
     p.add_argument("--no-figures", action="store_true",
                    help="skip heatmaps, curves and histograms")
+    add_bootstrap(p)
     add_holdout(p)
     add_shots(p)
     add_common(p)
@@ -205,6 +208,7 @@ def run_main(argv: Sequence[str] | None = None, prog: str | None = None) -> None
                 seed=args.seed, overwrite=args.overwrite, figures=not args.no_figures,
                 eval_size=args.eval_size, batch_size=args.batch_size,
                 image_cache=args.image_cache, fail_fast=args.fail_fast,
+                bootstrap=args.bootstrap, ci=args.ci,
             )
         except PartialFailure as err:
             report(err.result)
