@@ -148,11 +148,14 @@ def copy_banks(ref: Ref, dest: Path) -> Path:
     return dest
 
 
+#: what the evaluate stage writes (dropped from a copy that is to be evaluated again)
+EVALUATION_OUTPUTS = ("metrics.json", "bootstrap.npz", "by_defect.csv", "metrics_by_defect.csv",
+                      "leaderboard*", "defect_heatmap.png")
+
+
 def copy_scores(ref: Ref, dest: Path, keep_metrics: bool = True) -> Path:
-    shutil.copytree(ref.scores, dest, ignore=shutil.ignore_patterns(".locks"))
-    if not keep_metrics:
-        for p in dest.rglob("metrics.json"):
-            p.unlink()
+    skip = (".locks",) if keep_metrics else (".locks", *EVALUATION_OUTPUTS)
+    shutil.copytree(ref.scores, dest, ignore=shutil.ignore_patterns(*skip))
     return dest
 
 
