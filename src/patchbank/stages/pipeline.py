@@ -103,9 +103,7 @@ def run_pipeline(
     ``fail_fast=False`` goes on past whatever fails (a backbone, a category at any stage): the
     later stages skip only what failed, and at the end :class:`PartialFailure` lists every
     failure, with the leaderboard as its ``result``. ``shots``/``seed``: the few-shot protocol
-    of :func:`patchbank.stages.score.score_category` (``None``: every training image).
-    ``bootstrap``/``ci``: the evaluation's confidence intervals (:func:`evaluate`).
-    """
+    of :func:`score_category`; ``bootstrap``/``ci``: the intervals of :func:`evaluate`."""
     root = Path(data_root) if data_root is not None else ensure_demo_dataset()
     categories = resolve_categories(root, category)
     log.info("dataset %s: categories %s", root, ", ".join(categories))
