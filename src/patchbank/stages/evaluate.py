@@ -85,7 +85,9 @@ from patchbank.evaluation.aupimo import FPR_BOUNDS, aupimo_scores
 from patchbank.evaluation.by_defect import BY_DEFECT_COLUMNS, metrics_by_defect
 from patchbank.evaluation.figures import defect_heatmap, write_category_figures
 from patchbank.evaluation.geometry import reroot, resize_mask, run_map
-from patchbank.store.runs import RunPaths, ScoreRun, load_run
+from patchbank.evaluation.seeds import seed_summary
+from patchbank.store.records import RunInfo
+from patchbank.store.runs import RunPaths, ScoreRun, load_run, read_run_info
 
 log = logging.getLogger(__name__)
 
@@ -577,7 +579,9 @@ def leaderboard_by_defect(scores_dir: Path) -> pd.DataFrame:
 
 def leaderboard(scores_dir: Path) -> pd.DataFrame:
     """:func:`leaderboard_table`, also written to ``leaderboard.csv`` and ``leaderboard.md``;
-    the per-defect view to ``leaderboard_by_defect.{csv,md}`` and ``defect_heatmap.png``."""
+    the per-defect view to ``leaderboard_by_defect.{csv,md}`` and ``defect_heatmap.png``; runs
+    that differ only in the seed to ``leaderboard_seeds.{csv,md}`` (:func:`leaderboard_seeds_table`;
+    removed when there are none)."""
     with file_lock(Path(scores_dir, LOCK_NAME)):
         board = leaderboard_table(scores_dir)
         if not board.empty:
@@ -593,7 +597,94 @@ def leaderboard(scores_dir: Path) -> pd.DataFrame:
             atomic_write_text(Path(scores_dir, "leaderboard_by_defect.md"),
                               leaderboard_markdown(by_defect, cols))
             defect_heatmap(by_defect, Path(scores_dir, "defect_heatmap.png"))
+        seeds = leaderboard_seeds_table(scores_dir, board)
+        for name in ("leaderboard_seeds.csv", "leaderboard_seeds.md"):
+            Path(scores_dir, name).unlink(missing_ok=True)
+        if not seeds.empty:
+            with atomic_path(Path(scores_dir, "leaderboard_seeds.csv")) as tmp:
+                seeds.to_csv(tmp, index=False, float_format="%.6g")
+            atomic_write_text(Path(scores_dir, "leaderboard_seeds.md"), seeds_markdown(seeds))
     return board
+
+
+#: Metrics of the seed view and the keys that make runs "the same but for the seed".
+SEED_METRICS = ("image_auroc", "pixel_auroc", "pro", "aupimo")
+SEED_KEYS = ["backbone", "method", "params", "shots", "bank", "holdout", "categories"]
+
+
+def _run_setting(scores_dir: Path, backbone: str, run: str, category: str,
+                 ) -> dict[str, Any] | None:
+    """A run's setting without its seed, and the seed (run.json ``seed``, or the scorer
+    parameter ``seed`` when given: ``(run seed, param seed)``); None when unreadable."""
+    info = read_run_info(RunPaths.of(scores_dir, backbone, run, category))
+    if info is None or RunInfo.problems(info):
+        return None
+    rec = RunInfo.from_json(info, run)
+    params = {k: v for k, v in rec.params.items() if k != "seed"}
+    return {"method": rec.method, "params": json.dumps(params, sort_keys=True, default=str),
+            "shots": float("nan") if rec.shots is None else rec.shots, "bank": rec.bank or "",
+            "holdout": float(rec.holdout), "seed": f"{rec.fit_seed}/{rec.params.get('seed', '')}"}
+
+
+def leaderboard_seeds_table(scores_dir: Path, board: pd.DataFrame | None = None,
+                            ci: float = 0.95) -> pd.DataFrame:
+    """Runs that differ only in their seed (same backbone, method, params but ``seed``, shots,
+    bank, hold-out and categories; see :data:`SEED_KEYS`), groups of >= 2 seeds: columns
+    ``SEED_KEYS, n_seeds, seeds, runs``, then per metric of :data:`SEED_METRICS`
+    ``<m>_mean, <m>_std, <m>_t_lo, <m>_t_hi, <m>_n`` (:func:`seed_summary` over the runs'
+    mean-over-categories values, Student-t ``ci`` interval) and ``<m>_boot_width`` (the mean
+    over those runs of their own bootstrap interval width ``<m>_hi - <m>_lo``)."""
+    board = leaderboard_table(scores_dir) if board is None else board
+    rows = []
+    for r in ([] if board.empty else board.to_dict("records")):
+        first = str(r["categories"]).split(",")[0]
+        setting = _run_setting(scores_dir, r["backbone"], r["method"], first)
+        if setting is None:
+            continue
+        row = {**setting, "backbone": r["backbone"], "method": setting["method"],
+               "run": r["method"], "categories": r["categories"]}
+        for m in SEED_METRICS:
+            row[m] = float(r.get(m, np.nan))
+            row[f"{m}_boot_width"] = float(r.get(f"{m}_hi", np.nan)) - \
+                float(r.get(f"{m}_lo", np.nan))
+        rows.append(row)
+    widths = [f"{m}_boot_width" for m in SEED_METRICS]
+    cols = [*SEED_KEYS, "n_seeds", "seeds", "runs",
+            *(f"{m}_{x}" for m in SEED_METRICS for x in ("mean", "std", "t_lo", "t_hi", "n")),
+            *widths]
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    runs = pd.DataFrame(rows)
+    runs["shots"] = runs["shots"].fillna(-1)  # groupby keeps NaN apart; -1 = every image
+    summary = seed_summary(runs, [*SEED_METRICS, *widths], SEED_KEYS, ci)
+    grouped = runs.groupby(SEED_KEYS, sort=True)
+    summary["seeds"] = [",".join(sorted(g["seed"])) for _, g in grouped]
+    summary["runs"] = [",".join(sorted(g["run"])) for _, g in grouped]
+    summary["n_seeds"] = [g["seed"].nunique() for _, g in grouped]
+    for w in widths:
+        summary[w] = summary[f"{w}_mean"]
+    summary["shots"] = summary["shots"].replace(-1, np.nan)
+    summary = summary[summary["n_seeds"] >= 2]
+    return summary[cols].reset_index(drop=True)
+
+
+def seeds_markdown(table: pd.DataFrame) -> str:
+    """The seed view in percent: ``mean ± std [t_lo, t_hi]`` and the mean bootstrap width."""
+    heads = ["backbone", "method", "params", "n_seeds",
+             *(h for m in SEED_METRICS for h in (f"{m} (seeds)", f"{m} boot width"))]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for _, r in table.iterrows():
+        cells = [str(r["backbone"]), str(r["method"]), str(r["params"]), str(r["n_seeds"])]
+        for m in SEED_METRICS:
+            if pd.isna(r[f"{m}_mean"]):
+                cells += ["–", "–"]
+                continue
+            cells.append(f"{100 * r[f'{m}_mean']:.1f} ± {100 * r[f'{m}_std']:.1f} "
+                         f"[{100 * r[f'{m}_t_lo']:.1f}, {100 * r[f'{m}_t_hi']:.1f}]")
+            w = r[f"{m}_boot_width"]
+            cells.append("–" if pd.isna(w) else f"{100 * w:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _cell(r: Mapping[str, Any], c: str) -> str:
