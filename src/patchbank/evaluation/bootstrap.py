@@ -35,6 +35,7 @@ with a logged reason. Only ``n_boot`` in 1..99 is refused (:class:`ScoresError`)
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -82,11 +83,30 @@ def stratified_indices(labels: Sequence | np.ndarray, n_boot: int, seed: int) ->
     return out
 
 
+def category_seed(seed: int, category: str) -> int:
+    """The bootstrap seed of one category: categories draw independently of each other, and
+    two runs of the same category draw the same indices (for paired comparisons)."""
+    return int(seed) ^ zlib.crc32(category.encode())
+
+
 def index_weights(indices: np.ndarray, n: int) -> np.ndarray:
     """(B, n) float64 multiplicities of each image in each replicate of ``indices`` (B, m)."""
     b = indices.shape[0]
     flat = (indices + n * np.arange(b)[:, None]).ravel()
     return np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
+
+
+def mean_replicates(values: Sequence[float] | np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(B,) weighted means of the finite per-image ``values`` (n,) under each row of image
+    multiplicities ``weights`` (B, n) (e.g. AUPIMO over the resampled defective images); NaN
+    for a replicate that drew none of them."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    w = np.asarray(weights, dtype=np.float64)
+    ok = np.isfinite(v)
+    num = w[:, ok] @ v[ok]
+    den = w[:, ok].sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), _NAN)
 
 
 # --------------------------------------------------------------------------- image level

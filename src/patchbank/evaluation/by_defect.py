@@ -6,7 +6,9 @@ masks and maps are given, pixel AUROC, PRO and best Dice over the pixels of thos
 bootstrap of :mod:`patchbank.evaluation.bootstrap` restricted to those images (good and ``d``
 resampled separately); pixel replicates reuse one :class:`~patchbank.evaluation.bootstrap.
 PixelStats` of the whole test set, weighting the other images 0. ``n_images`` is the number of
-``d``'s images (the good ones, shared by every row, are not counted).
+``d``'s images (the good ones, shared by every row, are not counted). ``aupimo``: the mean of
+the given per-image AUPIMO values over ``d``'s images (its replicates: their weighted means
+under the same resamples, :func:`~patchbank.evaluation.bootstrap.mean_replicates`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from patchbank.evaluation import metrics
 
 log = logging.getLogger(__name__)
 
-BY_DEFECT_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pro", "best_dice")
+BY_DEFECT_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pro", "best_dice", "aupimo")
 BY_DEFECT_COLUMNS = ["category", "defect_type", "n_images", *BY_DEFECT_METRICS,
                      *(f"{m}_{e}" for m in BY_DEFECT_METRICS for e in ("lo", "hi"))]
 _NAN = float("nan")
@@ -39,14 +41,18 @@ def metrics_by_defect(category: str, labels: Sequence | np.ndarray,
                       masks: Sequence[np.ndarray | None] | None = None,
                       maps: Sequence[np.ndarray] | None = None,
                       pixel_stats: bs.PixelStats | None = None, n_boot: int = 1000,
-                      ci: float = 0.95, seed: int = 0) -> pd.DataFrame:
-    """One row per defect type (sorted), columns :data:`BY_DEFECT_COLUMNS` (NaN: undefined)."""
+                      ci: float = 0.95, seed: int = 0,
+                      aupimo: Sequence[float] | np.ndarray | None = None) -> pd.DataFrame:
+    """One row per defect type (sorted), columns :data:`BY_DEFECT_COLUMNS` (NaN: undefined);
+    ``aupimo``: per-image AUPIMO values (NaN for good images), None: NaN column."""
     n_boot, ci = bs.check_n_boot(n_boot), bs.check_ci(ci)
     y = np.asarray(labels).ravel() != 0
     s = np.asarray(scores, dtype=np.float64).ravel()
     types = np.asarray([str(t) for t in defect_types])
     good = np.flatnonzero(~y)
     pixel = masks is not None and maps is not None
+    per_image = np.full(y.size, _NAN) if aupimo is None else \
+        np.asarray(aupimo, dtype=np.float64).ravel()
     if pixel and pixel_stats is None and n_boot:
         pixel_stats = bs.PixelStats(masks, maps)
     rows = []
@@ -62,9 +68,12 @@ def metrics_by_defect(category: str, labels: Sequence | np.ndarray,
             exact = metrics.pixel_metrics([masks[i] for i in sub], [maps[i] for i in sub],
                                           progress=False)
             row.update({k: exact[k] for k in ("pixel_auroc", "pro", "best_dice")})
+        mine = per_image[sub][ys]
+        if np.isfinite(mine).any():
+            row["aupimo"] = float(np.nanmean(mine))
         if n_boot and good.size:
             row.update(_intervals(ys, ss, sub, pixel_stats if pixel else None, row, n_boot, ci,
-                                  defect_seed(seed, d)))
+                                  defect_seed(seed, d), per_image[sub]))
         rows.append(row)
     if not good.size:
         log.warning("%s: no good test images; per-defect metrics undefined (NaN)", category)
@@ -73,7 +82,7 @@ def metrics_by_defect(category: str, labels: Sequence | np.ndarray,
 
 def _intervals(ys: np.ndarray, ss: np.ndarray, sub: np.ndarray,
                stats: bs.PixelStats | None, row: dict, n_boot: int, ci: float,
-               seed: int) -> dict[str, float]:
+               seed: int, aupimo: np.ndarray) -> dict[str, float]:
     """The ``_lo``/``_hi`` values of one defect type's row."""
     problem = bs.image_problem(ys, ss)
     if problem is not None:
@@ -81,6 +90,8 @@ def _intervals(ys: np.ndarray, ss: np.ndarray, sub: np.ndarray,
         return {}
     idx = bs.stratified_indices(ys, n_boot, seed)
     reps = dict(bs.image_replicates(ys, ss, idx))
+    if np.isfinite(row["aupimo"]):
+        reps["aupimo"] = bs.mean_replicates(aupimo, bs.index_weights(idx, len(sub)))
     if stats is not None and stats.problem is None:
         w = np.zeros((n_boot, stats.n_images))
         w[:, sub] = bs.index_weights(idx, len(sub))

@@ -5,8 +5,9 @@ reads the runs and writes the tables.
 
 * :func:`delong` — DeLong, DeLong & Clarke-Pearson (1988) test for two correlated AUROCs on
   the same images, in the midrank form of Sun & Xu (2014); ties count 1/2.
-* :func:`stratified_indices` — bootstrap replicates that resample the good and the defective
-  images separately, with replacement (seeded). Row ``b`` keeps every label in place:
+* :func:`stratified_indices`, :func:`index_weights` — those of
+  :mod:`patchbank.evaluation.bootstrap` (re-exported): good and defective images resampled
+  separately, with replacement (seeded). Row ``b`` keeps every label in place:
   ``labels[idx[b]] == labels``. The *same* rows serve both runs, so the replicates are paired.
 * :class:`ImageStats` — image AUROC, AP and best F1 of a replicate from image multiplicities
   (weights), exactly as if the images were repeated (identical to scikit-learn's weighted
@@ -33,6 +34,9 @@ import numpy as np
 from scipy import stats
 
 from patchbank.core.errors import ScoresError
+from patchbank.evaluation.bootstrap import index_weights, stratified_indices
+
+__all__ = ["index_weights", "stratified_indices"]  # one definition, in bootstrap.py
 
 log = logging.getLogger(__name__)
 
@@ -127,32 +131,6 @@ def _var_of_difference(u: np.ndarray, v: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------- bootstrap
-
-
-def stratified_indices(labels: Sequence | np.ndarray, n_boot: int,
-                       seed: int | Sequence[int]) -> np.ndarray:
-    """``(n_boot, n)`` int64 bootstrap replicates: good and defective images resampled separately
-    with replacement, in place (``labels[idx[b]] == labels`` for every row ``b``).
-
-    ``seed`` goes to :func:`numpy.random.default_rng` (an int or a sequence of ints).
-    """
-    y = np.asarray(labels).ravel() != 0
-    if n_boot < 0:
-        raise ScoresError(f"--bootstrap {n_boot}: expected 0 (off) or at least {MIN_BOOT}")
-    rng = np.random.default_rng(seed)
-    idx = np.empty((int(n_boot), y.size), dtype=np.int64)
-    for group in (np.flatnonzero(~y), np.flatnonzero(y)):
-        if group.size:
-            idx[:, group] = group[rng.integers(0, group.size, size=(int(n_boot), group.size))]
-    return idx
-
-
-def index_weights(indices: np.ndarray, n: int) -> np.ndarray:
-    """Image multiplicities ``(n_boot, n)`` of replicate index rows ``(n_boot, n)``."""
-    idx = np.asarray(indices, dtype=np.int64)
-    b = idx.shape[0]
-    flat = (idx + n * np.arange(b)[:, None]).ravel()
-    return np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
 
 
 class ImageStats:

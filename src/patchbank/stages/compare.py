@@ -3,9 +3,11 @@
 For every category, every pair of runs ``(a, b)`` (in the order given: with runs A, B, C the
 pairs A-B, A-C, B-C) and every metric of :data:`METRICS`: both values, ``diff = a - b``, its
 paired stratified bootstrap percentile interval (the same resampled images for both runs,
-seeded per category) and a p-value: DeLong's test for ``image_auroc``, the two-sided bootstrap
-p-value otherwise (:mod:`patchbank.evaluation.compare`). Then a ``mean`` row per pair and
-metric: the mean over categories with the interval of the mean of the categories' replicates
+seeded per category by :func:`patchbank.evaluation.bootstrap.category_seed`, as the evaluate
+stage, so with the same seed both draw the same resamples) and a p-value: DeLong's test for
+``image_auroc``, the two-sided bootstrap p-value otherwise
+(:mod:`patchbank.evaluation.compare`). Then a ``mean`` row per pair and metric: the mean
+over categories with the interval of the mean of the categories' replicates
 and the Wilcoxon signed-rank p over the categories' differences. With more than two runs every
 p is Holm-adjusted over the pairs (per category and metric, and for the mean rows).
 
@@ -20,7 +22,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import pandas as pd
 
 from patchbank.core.atomic import atomic_open, atomic_path, atomic_write_text
 from patchbank.core.errors import ScoresError
+from patchbank.evaluation import bootstrap as bs
 from patchbank.evaluation import compare as stats
 from patchbank.evaluation import metrics
 from patchbank.stages.evaluate import masks_and_maps
@@ -149,11 +151,6 @@ def _run_stats(run: ScoreRun, order: np.ndarray, category: str, data_root: Path 
 # --------------------------------------------------------------------------- stage
 
 
-def _category_seed(seed: int, category: str) -> list[int]:
-    """Each category's own replicates: independent of which other categories are compared."""
-    return [int(seed), zlib.crc32(category.encode())]
-
-
 def _compare_category(scores_dir: Path, backbone: str, names: Sequence[str], category: str,
                       data_root: Path | None, n_boot: int, seed: int, ci: float,
                       pixel: bool) -> dict[tuple[int, int, str], stats.Paired]:
@@ -163,7 +160,7 @@ def _compare_category(scores_dir: Path, backbone: str, names: Sequence[str], cat
     if (labels != 0).all() or (labels == 0).all():
         raise ScoresError(f"{category}: the test images are all of one class; a comparison "
                           "needs good and defective images")
-    idx = stats.stratified_indices(labels, n_boot, _category_seed(seed, category))
+    idx = stats.stratified_indices(labels, n_boot, bs.category_seed(seed, category))
     weights = stats.index_weights(idx, len(labels))
     runs = [_run_stats(r, o, category, data_root, weights, pixel)
             for r, o in zip(loaded, orders, strict=True)]

@@ -24,16 +24,26 @@ Confidence intervals (``bootstrap`` replicates, default 1000, 0 = off; level ``c
 0.95; :mod:`patchbank.evaluation.bootstrap`). Each category is resampled within itself
 (stratified: good and defective images separately), seeded by :func:`category_seed` so two
 runs of one category draw the same indices. ``metrics`` gains ``<metric>_lo``/``<metric>_hi``
-(:data:`CI_COLUMNS`, for image_auroc, image_ap, image_f1, pixel_auroc, pro, best_dice; null
+(:data:`CI_COLUMNS`, for image_auroc, image_ap, image_f1, pixel_auroc, pro, best_dice, aupimo; null
 when off or undefined) and the record a ``bootstrap`` entry ``{"n_boot", "ci", "seed",
 "token"}`` (null when off); the key gains ``bootstrap`` ``{"n_boot", "ci", "seed"}``, so a
 change of either re-evaluates. Beside it, ``bootstrap.npz`` holds the replicates (one
-``(n_boot,)`` float64 array per metric of :data:`~patchbank.evaluation.bootstrap.CI_METRICS`,
+``(n_boot,)`` float64 array per metric of :data:`CI_METRICS`,
 NaN where undefined, plus ``token``, equal to the one in ``metrics.json``, so a replicate file
 from another evaluation is never mixed in). The ``mean`` row's interval is the percentile
 interval of the per-replicate mean over categories (replicate r of the mean = mean over
 categories of their replicate r), over the categories where the metric is defined; it is NaN
 when a category has no matching ``bootstrap.npz`` or the categories' settings differ.
+
+AUPIMO (:mod:`patchbank.evaluation.aupimo`, FPR range 1e-5..1e-4 of the good images, at the
+evaluation resolution): ``aupimo`` is the mean over defective images of their per-image AUPIMO,
+with ``aupimo_lo``/``aupimo_hi`` from the same replicate indices as the other metrics
+(replicate = the multiplicity-weighted mean over the resampled defective images, exact) and a
+``(n_boot,)`` ``aupimo`` array in ``bootstrap.npz``; NaN with a logged reason for image-level
+runs, runs without masks or when undefined (see that module). Per image: ``per_image.csv``
+next to ``metrics.json`` (columns :data:`PER_IMAGE_COLUMNS` = ``path, defect_type, label,
+aupimo``; one row per test image in ``image_scores.csv`` order, ``aupimo`` empty for good
+images and when undefined), for per-image statistical tests.
 
 Per defect type: ``by_defect.csv`` per category (columns
 :data:`~patchbank.evaluation.by_defect.BY_DEFECT_COLUMNS`) and, as views rewritten with
@@ -51,7 +61,6 @@ import logging
 import math
 import os
 import uuid
-import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,23 +81,28 @@ from patchbank.core.errors import ITEM_ERRORS, PartialFailure, ScoresError
 from patchbank.data.mvtec import load_mask
 from patchbank.evaluation import bootstrap as bs
 from patchbank.evaluation import metrics
+from patchbank.evaluation.aupimo import FPR_BOUNDS, aupimo_scores
 from patchbank.evaluation.by_defect import BY_DEFECT_COLUMNS, metrics_by_defect
 from patchbank.evaluation.figures import defect_heatmap, write_category_figures
 from patchbank.evaluation.geometry import reroot, resize_mask, run_map
-from patchbank.store.runs import RunPaths, ScoreRun, load_run
+from patchbank.evaluation.seeds import seed_summary
+from patchbank.store.records import RunInfo
+from patchbank.store.runs import RunPaths, ScoreRun, load_run, read_run_info
 
 log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = [
     "category", "image_auroc", "image_ap", "image_f1", "pixel_auroc", "pixel_ap", "pro",
-    "best_dice", "image_score", "pixel_score", "overall_score", "fit_s", "score_s",
+    "best_dice", "aupimo", "image_score", "pixel_score", "overall_score", "fit_s", "score_s",
 ]
 EXTRA_COLUMNS = [
     "f1_threshold", "f1_precision", "f1_recall", "unsup_threshold", "unsup_precision",
     "unsup_recall", "unsup_f1", "eval_resolution", "n_test", "shots", "seed", "n_train",
 ]
-#: Bootstrap interval bounds: ``<metric>_lo``, ``<metric>_hi`` per metric of bs.CI_METRICS.
-CI_COLUMNS = [f"{m}_{end}" for m in bs.CI_METRICS for end in ("lo", "hi")]
+#: Metrics with a bootstrap interval: bs.CI_METRICS and the mean AUPIMO over defective images.
+CI_METRICS = (*bs.CI_METRICS, "aupimo")
+#: Bootstrap interval bounds: ``<metric>_lo``, ``<metric>_hi`` per metric of CI_METRICS.
+CI_COLUMNS = [f"{m}_{end}" for m in CI_METRICS for end in ("lo", "hi")]
 COLUMNS = METRIC_COLUMNS + EXTRA_COLUMNS + CI_COLUMNS
 TEXT_COLUMNS = ("category", "eval_resolution")
 METRICS_FORMAT = 2
@@ -97,6 +111,9 @@ BOOTSTRAP_SEED = 0
 #: Per category: the bootstrap replicates (for the mean's interval) and per-defect rows.
 REPLICATES_NAME = "bootstrap.npz"
 BY_DEFECT_NAME = "by_defect.csv"
+#: Per category: one row per test image (columns PER_IMAGE_COLUMNS).
+PER_IMAGE_NAME = "per_image.csv"
+PER_IMAGE_COLUMNS = ["path", "defect_type", "label", "aupimo"]
 #: Per backbone/method: every category's per-defect rows (a view, like metrics.csv).
 BY_DEFECT_RUN_NAME = "metrics_by_defect.csv"
 #: Lock file (in the scores folder) serialising rewrites of the derived tables.
@@ -122,10 +139,8 @@ def masks_and_maps(run: ScoreRun, category: str, data_root: Path | None = None,
     return masks, maps
 
 
-def category_seed(seed: int, category: str) -> int:
-    """The bootstrap seed of one category: categories draw independently of each other, and
-    two runs of the same category draw the same indices (for paired comparisons)."""
-    return int(seed) ^ zlib.crc32(category.encode())
+#: The bootstrap seed of one category (:func:`patchbank.evaluation.bootstrap.category_seed`).
+category_seed = bs.category_seed
 
 
 def evaluate_run(run: ScoreRun, category: str, data_root: Path | None = None,
@@ -155,22 +170,34 @@ def evaluate_run(run: ScoreRun, category: str, data_root: Path | None = None,
     pixel = dict.fromkeys(("pixel_auroc", "pixel_ap", "pro", "best_dice"), float("nan"))
     has_masks = bool((df["mask_path"] != "").any())
     masks = maps = stats = None
+    per_image = np.full(len(df), np.nan)  # AUPIMO per image (NaN: good image or undefined)
     if run.maps is not None and has_masks:
         masks, maps = masks_and_maps(run, category, data_root, eval_size)
         pixel = metrics.pixel_metrics(masks, maps)
         row["eval_resolution"] = f"{eval_size}px" if eval_size else "original"
         stats = bs.PixelStats(masks, maps) if bootstrap else None
+        per_image = _aupimo_values(category, masks, maps)
+    else:
+        log.info("%s: AUPIMO undefined (NaN): %s", category, "image-level run (no maps)"
+                 if run.maps is None else "no ground-truth masks")
     row.update(pixel)
+    row["aupimo"] = _finite_mean(per_image)
     cat_seed = category_seed(seed, category)
+    idx = bs.stratified_indices(labels, bootstrap, cat_seed) if bootstrap else None
     reps = bs.bootstrap_replicates(labels, scores, stats, bootstrap, cat_seed,
-                                   pixel_points=pixel)
+                                   pixel_points=pixel, indices=idx)
+    reps["aupimo"] = np.full(bootstrap, np.nan) if idx is None or np.isnan(row["aupimo"]) \
+        else bs.mean_replicates(per_image, bs.index_weights(idx, len(df)))
     for k, v in reps.items():
         row[f"{k}_lo"], row[f"{k}_hi"] = bs.percentile_interval(v, ci)
     if extras is not None:
         extras["replicates"] = reps
         extras["by_defect"] = metrics_by_defect(
             category, labels, scores, df["defect_type"].astype(str).tolist(), masks, maps,
-            pixel_stats=stats, n_boot=bootstrap, ci=ci, seed=cat_seed)
+            pixel_stats=stats, n_boot=bootstrap, ci=ci, seed=cat_seed, aupimo=per_image)
+        extras["per_image"] = pd.DataFrame({
+            "path": df["path"].astype(str), "defect_type": df["defect_type"].astype(str),
+            "label": labels, "aupimo": per_image}, columns=PER_IMAGE_COLUMNS)
     row.update(metrics.composite_scores(row["image_auroc"], row["image_ap"],
                                         row["pixel_auroc"], row["best_dice"]))
     info = run.record
@@ -178,6 +205,22 @@ def evaluate_run(run: ScoreRun, category: str, data_root: Path | None = None,
     # few-shot protocol: shots NaN = every training image; n_train = images the model saw
     row.update(shots=info.shots, seed=info.seed, n_train=info.n_train)
     return row
+
+
+def _aupimo_values(category: str, masks: Sequence[np.ndarray],
+                   maps: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-image AUPIMO (:func:`aupimo_scores`); all NaN, with the reason logged, when the
+    maps hold NaN/inf (the other metrics report that case themselves)."""
+    try:
+        return aupimo_scores(masks, maps)
+    except ScoresError as err:
+        log.warning("%s: AUPIMO undefined (NaN): %s", category, err)
+        return np.full(len(maps), np.nan)
+
+
+def _finite_mean(values: np.ndarray) -> float:
+    ok = values[np.isfinite(values)]
+    return float(ok.mean()) if ok.size else float("nan")
 
 
 # --------------------------------------------------------------------------- metrics.json
@@ -198,7 +241,8 @@ def evaluation_key(paths: RunPaths, category: str, data_root: Path | None = None
 
     ``run``: sha256 of ``run.json``; ``files``: size and mtime of the score files; ``masks``:
     sha256 over the (re-rooted) mask paths with their sizes and mtimes; ``eval_size``;
-    ``bootstrap``: ``{"n_boot", "ci", "seed"}`` (null when off); ``patchbank_version``.
+    ``bootstrap``: ``{"n_boot", "ci", "seed"}`` (null when off); ``aupimo``: its FPR range
+    (results from before AUPIMO existed are recomputed); ``patchbank_version``.
     """
     try:
         run_hash = hashlib.sha256(paths.run_json.read_bytes()).hexdigest()
@@ -219,6 +263,7 @@ def evaluation_key(paths: RunPaths, category: str, data_root: Path | None = None
         "eval_size": int(eval_size) if eval_size else None,
         "bootstrap": {"n_boot": int(bootstrap), "ci": float(ci), "seed": BOOTSTRAP_SEED}
         if bootstrap else None,
+        "aupimo": list(FPR_BOUNDS),
         "patchbank_version": __version__,
     }
 
@@ -337,8 +382,11 @@ def _evaluate_category(paths: RunPaths, scores_dir: Path, backbone: str, method:
 
 def _write_extras(paths: RunPaths, extras: Mapping[str, Any], bootstrap: int,
                   ci: float) -> dict[str, Any] | None:
-    """Write a category's ``metrics_by_defect.csv`` and (bootstrap on) ``bootstrap.npz``
-    before its ``metrics.json``; returns the latter's record (None when off)."""
+    """Write a category's ``per_image.csv``, ``by_defect.csv`` and (bootstrap on)
+    ``bootstrap.npz`` before its ``metrics.json``; returns the latter's record (None: off)."""
+    if extras.get("per_image") is not None:
+        with atomic_path(paths.folder / PER_IMAGE_NAME) as tmp:
+            extras["per_image"].to_csv(tmp, index=False, float_format="%.6g")
     by_defect = paths.folder / BY_DEFECT_NAME
     if extras.get("by_defect") is not None:
         with atomic_path(by_defect) as tmp:
@@ -450,13 +498,13 @@ def _mean_intervals(records: Sequence[tuple[Path, Mapping[str, Any]]]) -> dict[s
             with np.load(folder / REPLICATES_NAME, allow_pickle=False) as npz:
                 if str(npz["token"]) != b.get("token"):
                     raise ValueError("token differs from metrics.json")
-                reps.append({k: npz[k] for k in bs.CI_METRICS})
+                reps.append({k: npz[k] for k in CI_METRICS})
         except (OSError, ValueError, KeyError) as err:
             log.warning("%s: %s unreadable (%s); no interval for the mean; re-evaluate with "
                         "--overwrite", folder, REPLICATES_NAME, err)
             return out
     ci = float(next(iter(settings))[1])
-    for k in bs.CI_METRICS:
+    for k in CI_METRICS:
         vecs = [r[k] for r, (_, rec) in zip(reps, records, strict=True)
                 if np.isfinite(float(rec["metrics"][k])) and np.isfinite(r[k]).any()]
         if vecs:
@@ -531,7 +579,9 @@ def leaderboard_by_defect(scores_dir: Path) -> pd.DataFrame:
 
 def leaderboard(scores_dir: Path) -> pd.DataFrame:
     """:func:`leaderboard_table`, also written to ``leaderboard.csv`` and ``leaderboard.md``;
-    the per-defect view to ``leaderboard_by_defect.{csv,md}`` and ``defect_heatmap.png``."""
+    the per-defect view to ``leaderboard_by_defect.{csv,md}`` and ``defect_heatmap.png``; runs
+    that differ only in the seed to ``leaderboard_seeds.{csv,md}`` (:func:`leaderboard_seeds_table`;
+    removed when there are none)."""
     with file_lock(Path(scores_dir, LOCK_NAME)):
         board = leaderboard_table(scores_dir)
         if not board.empty:
@@ -543,11 +593,98 @@ def leaderboard(scores_dir: Path) -> pd.DataFrame:
             with atomic_path(Path(scores_dir, "leaderboard_by_defect.csv")) as tmp:
                 by_defect.to_csv(tmp, index=False, float_format="%.6g")
             cols = ["backbone", "method", "category", "defect_type", "n_images",
-                    "image_auroc", "image_ap", "pixel_auroc", "pro", "best_dice"]
+                    "image_auroc", "image_ap", "pixel_auroc", "pro", "best_dice", "aupimo"]
             atomic_write_text(Path(scores_dir, "leaderboard_by_defect.md"),
                               leaderboard_markdown(by_defect, cols))
             defect_heatmap(by_defect, Path(scores_dir, "defect_heatmap.png"))
+        seeds = leaderboard_seeds_table(scores_dir, board)
+        for name in ("leaderboard_seeds.csv", "leaderboard_seeds.md"):
+            Path(scores_dir, name).unlink(missing_ok=True)
+        if not seeds.empty:
+            with atomic_path(Path(scores_dir, "leaderboard_seeds.csv")) as tmp:
+                seeds.to_csv(tmp, index=False, float_format="%.6g")
+            atomic_write_text(Path(scores_dir, "leaderboard_seeds.md"), seeds_markdown(seeds))
     return board
+
+
+#: Metrics of the seed view and the keys that make runs "the same but for the seed".
+SEED_METRICS = ("image_auroc", "pixel_auroc", "pro", "aupimo")
+SEED_KEYS = ["backbone", "method", "params", "shots", "bank", "holdout", "categories"]
+
+
+def _run_setting(scores_dir: Path, backbone: str, run: str, category: str,
+                 ) -> dict[str, Any] | None:
+    """A run's setting without its seed, and the seed (run.json ``seed``, or the scorer
+    parameter ``seed`` when given: ``(run seed, param seed)``); None when unreadable."""
+    info = read_run_info(RunPaths.of(scores_dir, backbone, run, category))
+    if info is None or RunInfo.problems(info):
+        return None
+    rec = RunInfo.from_json(info, run)
+    params = {k: v for k, v in rec.params.items() if k != "seed"}
+    return {"method": rec.method, "params": json.dumps(params, sort_keys=True, default=str),
+            "shots": float("nan") if rec.shots is None else rec.shots, "bank": rec.bank or "",
+            "holdout": float(rec.holdout), "seed": f"{rec.fit_seed}/{rec.params.get('seed', '')}"}
+
+
+def leaderboard_seeds_table(scores_dir: Path, board: pd.DataFrame | None = None,
+                            ci: float = 0.95) -> pd.DataFrame:
+    """Runs that differ only in their seed (same backbone, method, params but ``seed``, shots,
+    bank, hold-out and categories; see :data:`SEED_KEYS`), groups of >= 2 seeds: columns
+    ``SEED_KEYS, n_seeds, seeds, runs``, then per metric of :data:`SEED_METRICS`
+    ``<m>_mean, <m>_std, <m>_t_lo, <m>_t_hi, <m>_n`` (:func:`seed_summary` over the runs'
+    mean-over-categories values, Student-t ``ci`` interval) and ``<m>_boot_width`` (the mean
+    over those runs of their own bootstrap interval width ``<m>_hi - <m>_lo``)."""
+    board = leaderboard_table(scores_dir) if board is None else board
+    rows = []
+    for r in ([] if board.empty else board.to_dict("records")):
+        first = str(r["categories"]).split(",")[0]
+        setting = _run_setting(scores_dir, r["backbone"], r["method"], first)
+        if setting is None:
+            continue
+        row = {**setting, "backbone": r["backbone"], "method": setting["method"],
+               "run": r["method"], "categories": r["categories"]}
+        for m in SEED_METRICS:
+            row[m] = float(r.get(m, np.nan))
+            row[f"{m}_boot_width"] = float(r.get(f"{m}_hi", np.nan)) - \
+                float(r.get(f"{m}_lo", np.nan))
+        rows.append(row)
+    widths = [f"{m}_boot_width" for m in SEED_METRICS]
+    cols = [*SEED_KEYS, "n_seeds", "seeds", "runs",
+            *(f"{m}_{x}" for m in SEED_METRICS for x in ("mean", "std", "t_lo", "t_hi", "n")),
+            *widths]
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    runs = pd.DataFrame(rows)
+    runs["shots"] = runs["shots"].fillna(-1)  # groupby keeps NaN apart; -1 = every image
+    summary = seed_summary(runs, [*SEED_METRICS, *widths], SEED_KEYS, ci)
+    grouped = runs.groupby(SEED_KEYS, sort=True)
+    summary["seeds"] = [",".join(sorted(g["seed"])) for _, g in grouped]
+    summary["runs"] = [",".join(sorted(g["run"])) for _, g in grouped]
+    summary["n_seeds"] = [g["seed"].nunique() for _, g in grouped]
+    for w in widths:
+        summary[w] = summary[f"{w}_mean"]
+    summary["shots"] = summary["shots"].replace(-1, np.nan)
+    summary = summary[summary["n_seeds"] >= 2]
+    return summary[cols].reset_index(drop=True)
+
+
+def seeds_markdown(table: pd.DataFrame) -> str:
+    """The seed view in percent: ``mean ± std [t_lo, t_hi]`` and the mean bootstrap width."""
+    heads = ["backbone", "method", "params", "n_seeds",
+             *(h for m in SEED_METRICS for h in (f"{m} (seeds)", f"{m} boot width"))]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for _, r in table.iterrows():
+        cells = [str(r["backbone"]), str(r["method"]), str(r["params"]), str(r["n_seeds"])]
+        for m in SEED_METRICS:
+            if pd.isna(r[f"{m}_mean"]):
+                cells += ["–", "–"]
+                continue
+            cells.append(f"{100 * r[f'{m}_mean']:.1f} ± {100 * r[f'{m}_std']:.1f} "
+                         f"[{100 * r[f'{m}_t_lo']:.1f}, {100 * r[f'{m}_t_hi']:.1f}]")
+            w = r[f"{m}_boot_width"]
+            cells.append("–" if pd.isna(w) else f"{100 * w:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _cell(r: Mapping[str, Any], c: str) -> str:
@@ -570,7 +707,7 @@ def leaderboard_markdown(board: pd.DataFrame, cols: Sequence[str] | None = None)
     """A Markdown table of the leaderboard's main columns (metrics in percent, intervals in
     brackets)."""
     cols = list(cols or ["backbone", "method", "categories", "image_auroc", "image_ap",
-                         "image_f1", "pixel_auroc", "pro", "best_dice", "overall_score",
+                         "image_f1", "pixel_auroc", "pro", "best_dice", "aupimo", "overall_score",
                          "fit_s", "score_s"])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in board.iterrows():
