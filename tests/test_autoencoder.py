@@ -178,7 +178,8 @@ def test_a_one_cell_bottleneck_never_trains_batchnorm_on_one_image() -> None:
 
 @pytest.mark.parametrize("params, key", [({"kernel": 2}, "kernel"), ({"lr": 0}, "lr"),
                                          ({"val_frac": 1.0}, "val_frac"),
-                                         ({"reduce": "mean"}, "reduce")])
+                                         ({"image_score": "mean"}, "image_score"),
+                                         ({"reduce": "mean"}, "image_score")])
 def test_bad_parameters_name_the_key(params: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key) as err:
         make_scorer("ae_features", params)

@@ -189,7 +189,8 @@ def test_model_header_version(tmp_path: Path) -> None:
     path = tmp_path / "model.npz"
     scorer.save(path)
     header, arrays = model_header(path)
-    assert header["version"] == MODEL_VERSION == 2
+    assert header["version"] == MODEL_VERSION == 3
+    assert header["params"]["image_score"] == "max_map" and "input_size" in header
     expected = scorer.score(taps)[0]
 
     def rewrite(**changes) -> None:
@@ -202,8 +203,8 @@ def test_model_header_version(tmp_path: Path) -> None:
     np.testing.assert_allclose(load_scorer(path, device="cpu").score(taps)[0], expected,
                                rtol=1e-6)
     rewrite(version=MODEL_VERSION + 1)
-    with pytest.raises(ScoresError, match=r"model.npz: model header version 3, this "
-                                          r"patchbank reads 1\.\.2"):
+    with pytest.raises(ScoresError, match=r"model.npz: model header version 4, this "
+                                          r"patchbank reads 1\.\.3"):
         load_scorer(path)
 
 

@@ -9,6 +9,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import cdist
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from sklearn.metrics import roc_auc_score
@@ -105,7 +106,12 @@ def test_padim_gaussian_and_mahalanobis_match_numpy() -> None:
         inv = np.linalg.inv(cov)
         ref = [scipy_mahalanobis(t[i, loc], mean, inv) for i in range(5)]
         np.testing.assert_allclose(maps.reshape(5, 12)[:, loc], ref, rtol=1e-5)
-    np.testing.assert_allclose(scores, maps.reshape(5, -1).max(axis=1), rtol=1e-6)
+    # image score as the official code: upsampled to the input (4x the stride-4 grid here),
+    # smoothed with sigma 4, maximum
+    up = torch.nn.functional.interpolate(torch.from_numpy(maps)[:, None], size=(12, 16),
+                                         mode="bilinear", align_corners=False)[:, 0].numpy()
+    official = [gaussian_filter(m, sigma=4, mode="nearest").max() for m in up]
+    np.testing.assert_allclose(scores, official, rtol=1e-6)
     # a different seed picks other channels
     other = PaDiMScorer(d=6, seed=4, device="cpu").fit(train)
     assert not np.array_equal(other.channels_, ch)
@@ -357,12 +363,13 @@ def test_bank_errors() -> None:
 def test_make_scorer_parses_strings_to_the_default_types() -> None:
     knn_s = make_scorer("knn", {"k": "3", "metric": "cosine", "topk_frac": "0.05",
                                 "reduce": "topk"})
+    # ``reduce`` is the old name of ``image_score`` (max -> max_grid, topk -> topk_mean)
     assert knn_s.params == {"layers": "auto", "level": "patch", "k": 3, "metric": "cosine",
-                            "reduce": "topk", "topk_frac": 0.05, "top_sigma": 0}
+                            "image_score": "topk_mean", "topk_frac": 0.05, "top_sigma": 0}
     assert isinstance(knn_s.params["k"], int) and isinstance(knn_s.params["topk_frac"], float)
     assert make_scorer("padim", {"d": "none"}).params["d"] is None
     assert make_scorer("padim", {"d": "50", "eps": "1"}).params == {
-        "layers": "auto", "d": 50, "eps": 1.0, "seed": 0}
+        "layers": "auto", "d": 50, "eps": 1.0, "seed": 0, "image_score": "max_map"}
     assert make_scorer("knn", {"layers": [3, 2]}).params["layers"] == "3,2"
     assert make_scorer("knn", {"layers": "2,3"}).params["layers"] == "2,3"
     pc = make_scorer("patchcore").params

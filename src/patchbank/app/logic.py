@@ -503,6 +503,7 @@ def quick_model(images: Sequence[Image.Image], *, backbone: str = "efficientnet_
         raise PatchbankError(f"quick model: {err}") from None
     extractor, xinfo = build_extractor(backbone, weights=weights, image_size=image_size,
                                        device=device)
+    scorer.input_size = xinfo.image_size
     preprocess = Preprocess(xinfo.image_size, xinfo.mean, xinfo.std)
     info = RunInfo(
         method=method, params=scorer.params, holdout=0.2, seed=0, backbone=backbone,

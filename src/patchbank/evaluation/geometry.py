@@ -14,11 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
 
 from patchbank.core.errors import ScoresError
+from patchbank.scorers.image_score import upsample_smooth
 from patchbank.store.runs import ScoreRun, map_info_problems
 
 
@@ -55,14 +53,10 @@ def upsample_map(amap: np.ndarray, size: tuple[int, int], sigma: float = 0.0) ->
     """Resize an (h, w) map to ``size`` = (H, W) bilinearly and smooth it with ``sigma`` pixels.
 
     ``sigma`` is in output pixels; callers scale a method's sigma (given at model-input
-    resolution) by ``H / input_size`` so smoothing covers the same part of the object.
+    resolution) by ``H / input_size`` so smoothing covers the same part of the object. The
+    same operation as the scorers' ``max_map`` image score (``scorers.image_score``).
     """
-    t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
-    up = F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
-    if sigma > 0:
-        # truncate=4 (scipy's default) keeps the kernel at ~8 sigma wide, as PatchCore's blur does.
-        up = gaussian_filter(up, sigma=sigma, mode="nearest")
-    return up
+    return upsample_smooth(np.asarray(amap)[None], size, sigma)[0]
 
 
 def eval_sigma(map_sigma: float, eval_height: int, input_size: int) -> float:

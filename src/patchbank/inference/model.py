@@ -412,6 +412,8 @@ def load_run_model(run_dir: Path | str, *, weights: str | Path | None = None,
                               f"({', '.join(problems)}); re-score with --overwrite")
     dev = resolve_device(device)
     scorer = load_scorer(model_path, device=str(dev))
+    if scorer.input_size is None and info.input_size:  # saved before headers recorded it
+        scorer.input_size = int(info.input_size)
 
     where = paths.run_json
     weights_arg = _weights_argument(str(fp["weights"]), weights, where)

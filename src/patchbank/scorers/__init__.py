@@ -114,7 +114,11 @@ def load_scorer(path: Path, device: str = "auto") -> Scorer:
     a missing, damaged or foreign file raises one-line ScoresError naming it."""
     meta, arrays = model_header(path)
     try:
-        return make_scorer(meta["method"], meta["params"], device).restore(meta, arrays)
+        params = dict(meta["params"])
+        legacy = SCORERS[meta["method"]].legacy_image_score
+        if meta["version"] < 3 and legacy and "image_score" not in params:
+            params["image_score"] = legacy  # saved before the rule was a parameter
+        return make_scorer(meta["method"], params, device).restore(meta, arrays)
     except (KeyError, ValueError, TypeError) as err:
         raise ScoresError(f"{path}: inconsistent model ({err}); re-score the run with "
                           "--overwrite") from None

@@ -35,6 +35,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from patchbank.scorers.base import Params, Scorer, batches, choice
+from patchbank.scorers.image_score import MAP_RULES
 from patchbank.scorers.neighbors import METRICS, FlatIndex
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class AnomalyDINOScorer(Scorer):
         metric: str = choice("cosine", METRICS)
         #: fraction of the patches whose mean is the image score (official: 1 %).
         top_frac: float = 0.01
+        #: "topk_mean" (official: the mean of the top ``top_frac``), "max_grid" or "max_map".
+        image_score: str = choice("topk_mean", MAP_RULES)
         #: zero-shot background masking of test images (official: per category; off for bottle).
         masking: bool = False
         mask_reference: bool = False
@@ -147,4 +150,5 @@ class AnomalyDINOScorer(Scorer):
             if self.p.masking:
                 for i in range(hi - lo):
                     maps[lo + i][~self._mask(part[i])] = 0.0
-        return mean_top_fraction(maps, self.p.top_frac), maps
+        frac = self.p.top_frac if self.p.image_score == "topk_mean" else 0.0
+        return mean_top_fraction(maps, frac), maps

@@ -17,9 +17,9 @@ bottle (EfficientNet-Lite0, 224 px, 56x56 x 176) in about two minutes: ``max_epo
 (``val_frac=0.1``, ``patience=3``, ``min_delta``; the best epoch's weights are kept) [none],
 ``lr=1e-3`` [1e-4], ``standardize=true``: per-channel z-scores of the features, from the
 training part [raw features; without it the loss of raw Lite0 features falls ~10x slower].
-``reduce`` (max [as DFR] or top-k mean). Not parameters: the backbone is the bank's (DFR:
-VGG19 relu1_1..relu4_4), taps are aligned bilinearly with ``align_corners=False`` (DFR: True,
-then a 4x4 average pool onto a 64x64 grid).
+``image_score`` (``max_grid`` [as DFR], ``topk_mean`` or ``max_map``). Not parameters: the
+backbone is the bank's (DFR: VGG19 relu1_1..relu4_4), taps are aligned bilinearly with
+``align_corners=False`` (DFR: True, then a 4x4 average pool onto a 64x64 grid).
 
 Training is seeded (weights init, split, batch order), shows a progress bar with the losses,
 runs on the GPU with AMP (bfloat16, or float16 with loss scaling) when the scorer's device is
@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from patchbank.scorers.base import Params, Scorer, batches, choice
-from patchbank.scorers.knn import reduce_patches
+from patchbank.scorers.knn import GRID_RULES, REDUCE_RENAMED, reduce_patches
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +148,10 @@ class AEParams(Params):
     patience: int = 5
     min_delta: float = 1e-3
     standardize: bool = False
-    reduce: str = choice("max", ("max", "topk"))
+    #: "max_grid" (DFR), "topk_mean" (of the top ``topk_frac``) or "max_map".
+    image_score: str = choice("max_grid", GRID_RULES)
     topk_frac: float = 0.01
+    renamed = REDUCE_RENAMED
     amp: bool = True
     seed: int = 0
 
@@ -355,7 +357,7 @@ class AutoencoderScorer(Scorer):
     # -- score -----------------------------------------------------------------------------
     def _score(self, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         maps = self._errors(test, desc=f"{self.name} score")
-        return reduce_patches(maps, self.p.reduce, self.p.topk_frac), maps
+        return reduce_patches(maps, self.p.image_score, self.p.topk_frac), maps
 
 
 class FeatureAEScorer(AutoencoderScorer):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from patchbank.core.atomic import atomic_open
 from patchbank.core.device import resolve_device as _resolve_device
 from patchbank.core.errors import BankError
+from patchbank.scorers.image_score import smoothed_max
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -121,6 +122,9 @@ class Params:
     """
 
     layers: str = "auto"
+    #: old parameter name -> (its new name, old value -> new value): read in :meth:`parse`, so
+    #: commands, run.json files and model headers written before a rename keep working.
+    renamed: ClassVar[Mapping[str, tuple[str, Mapping[str, str]]]] = types.MappingProxyType({})
 
     @classmethod
     def parse(cls, method: str, values: Mapping[str, Any] | None = None) -> Self:
@@ -128,6 +132,10 @@ class Params:
         converted to its field's type. Unknown key, a value that does not parse or is out of
         range -> ValueError naming the method and the key."""
         values = dict(values or {})
+        for old, (new, mapping) in cls.renamed.items():
+            if old in values and new not in values:
+                value = values.pop(old)
+                values[new] = mapping.get(str(value).strip().lower(), value)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
@@ -185,8 +193,10 @@ Taps = Mapping[int, np.ndarray] | Sequence[np.ndarray] | np.ndarray
 #: version of the fitted-model file written by :meth:`Scorer.save`.
 MODEL_FORMAT = 1
 #: revision of the model header within MODEL_FORMAT (``"version"``; headers without it, written
-#: before it existed, are version 1). 2: the header records its version.
-MODEL_VERSION = 2
+#: before it existed, are version 1). 2: the header records its version. 3: the header records
+#: ``input_size`` and the params their ``image_score`` rule (older headers: the method's
+#: ``legacy_image_score``).
+MODEL_VERSION = 3
 #: input bytes per batch of images when aligning taps.
 ALIGN_BYTES = 64 << 20
 
@@ -276,10 +286,16 @@ class Scorer(ABC):
     #: relative difference allowed between scores (and maps) before and after save ->
     #: ``load_scorer``, times the largest one: 0.0 = identical.
     reload_rtol: ClassVar[float] = 0.0
+    #: the image-score rule of runs saved before ``image_score`` was a parameter, when it
+    #: differs from today's default (PaDiM: "max_grid"); None = the default.
+    legacy_image_score: ClassVar[str | None] = None
 
-    def __init__(self, *, device: str = "auto", **params: Any) -> None:
+    def __init__(self, *, device: str = "auto", input_size: int | None = None,
+                 **params: Any) -> None:
         self.p = self.Params.parse(self.name, params)
         self.device = resolve_device(device)
+        #: side of the square model input the maps cover (``max_map`` upsamples to it).
+        self.input_size = None if input_size is None else int(input_size)
         self._shapes: list[tuple[int, ...]] | None = None
         self.layers_: tuple[int, ...] = ()
 
@@ -290,7 +306,7 @@ class Scorer(ABC):
 
     def clone(self) -> Self:
         """A new, unfitted scorer of the same class, parameters and device."""
-        return type(self)(device=str(self.device), **self.params)
+        return type(self)(device=str(self.device), input_size=self.input_size, **self.params)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
@@ -366,6 +382,8 @@ class Scorer(ABC):
         scores = np.asarray(scores, dtype=np.float64).reshape(n)
         if maps is not None:
             maps = np.asarray(maps, dtype=np.float32).reshape(n, h, w)
+            if getattr(self.p, "image_score", None) == "max_map":
+                scores = smoothed_max(maps, self.input_size, self.map_sigma)
         return scores, maps
 
     def save(self, path: Path) -> int:
@@ -374,7 +392,7 @@ class Scorer(ABC):
         if self._shapes is None:
             raise RuntimeError(f"{self.name}: call fit() before save()")
         meta = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "method": self.name,
-                "params": self.params,
+                "params": self.params, "input_size": self.input_size,
                 "layers": list(self.layers_), "shapes": [list(s) for s in self._shapes]}
         arrays = {k: np.asarray(v) for k, v in self._state().items()}
         header = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -385,6 +403,8 @@ class Scorer(ABC):
     def restore(self, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Self:
         """Set the fitted state read back from :meth:`save` (see ``scorers.load_scorer``)."""
         self.layers_ = tuple(int(x) for x in meta["layers"])
+        if meta.get("input_size") is not None:
+            self.input_size = int(meta["input_size"])
         self._shapes = [tuple(int(v) for v in s) for s in meta["shapes"]]
         self._set_state(arrays)
         return self

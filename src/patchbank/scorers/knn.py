@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -12,11 +13,17 @@ import numpy as np
 from patchbank.scorers.base import Params, Scorer, choice, pooled
 from patchbank.scorers.neighbors import METRICS, FlatIndex
 
+#: ``image_score`` rules of the patch-level k-NN and the autoencoders; ``reduce``, its old name.
+GRID_RULES = ("max_grid", "topk_mean", "max_map")
+REDUCE_RENAMED = types.MappingProxyType(
+    {"reduce": ("image_score", {"max": "max_grid", "topk": "topk_mean"})})
+
 
 def reduce_patches(patch_scores: np.ndarray, reduce: str, topk_frac: float) -> np.ndarray:
-    """Image scores (N,) from patch scores (N, P): the max, or the mean of the top ceil(frac*P)."""
+    """Image scores (N,) from patch scores (N, P): the max ("max_grid", also for "max_map",
+    which the scorer base replaces), or ("topk_mean") the mean of the top ceil(frac*P)."""
     s = np.asarray(patch_scores, dtype=np.float64).reshape(len(patch_scores), -1)
-    if reduce == "max":
+    if reduce != "topk_mean":
         return s.max(axis=1)
     n = min(s.shape[1], max(1, math.ceil(topk_frac * s.shape[1])))
     return np.partition(s, s.shape[1] - n, axis=1)[:, -n:].mean(axis=1)
@@ -31,7 +38,8 @@ def top_sigma_channels(z: np.ndarray, n: int) -> np.ndarray:
 
 class KNNScorer(Scorer):
     """Patch level: memory bank = every training patch, map = mean distance to the k nearest,
-    image score = max (or top-fraction mean) of the map. Image level: pooled embeddings, image
+    image score = max of the map (``image_score``: or its top-fraction mean, or the max of the
+    upsampled, smoothed map). Image level: pooled embeddings, image
     score = mean distance to the k nearest training images, no maps; ``top_sigma`` N > 0 keeps
     only the N pooled channels with the highest standard deviation over the train images (the
     seeds' variant: N = 500, k = 50)."""
@@ -45,9 +53,11 @@ class KNNScorer(Scorer):
         level: str = choice("patch", ("patch", "image"))
         k: int = 1
         metric: str = choice("l2", METRICS)
-        reduce: str = choice("max", ("max", "topk"))
+        #: patch level: "max_grid", "topk_mean" (of the top ``topk_frac``) or "max_map".
+        image_score: str = choice("max_grid", GRID_RULES)
         topk_frac: float = 0.01
         top_sigma: int = 0
+        renamed = REDUCE_RENAMED
 
         def check(self) -> None:
             self.require(self.k >= 1, "k", ">= 1")
@@ -91,4 +101,4 @@ class KNNScorer(Scorer):
             return dist.mean(axis=1, dtype=np.float64), None
         dist, _ = self._index.search(test, k, desc="knn patches")
         maps = dist.mean(axis=1).reshape(test.shape[:3]).astype(np.float32)
-        return reduce_patches(maps, self.p.reduce, self.p.topk_frac), maps
+        return reduce_patches(maps, self.p.image_score, self.p.topk_frac), maps

@@ -2,7 +2,9 @@
 
 As in the paper: the three finest taps (stride 4, 8, 16 for ResNet-like backbones), coarser ones
 replicated onto the finest grid (nearest) and concatenated, ``d`` random channels, covariance +
-eps*I; map = Mahalanobis distance, image score = its maximum.
+eps*I; map = Mahalanobis distance; image score = the maximum of the map upsampled bilinearly to
+the model input and smoothed with sigma 4, as the official code (``image_score="max_grid"``:
+the raw grid's maximum, the default of patchbank <= 0.2).
 
 Fit accumulates per-location sums and outer-product sums over batches of images in float64, so
 peak memory is the model (h*w, d, d), not the dataset. Score: Mahalanobis distance per location
@@ -20,7 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from patchbank.scorers.base import Params, Scorer, batches
+from patchbank.scorers.base import Params, Scorer, batches, choice
+from patchbank.scorers.image_score import grid_max
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +116,8 @@ class GaussianAccumulator:
 
 class PaDiMScorer(Scorer):
     """PaDiM: per-location Gaussian on ``d`` seeded random channels; map = Mahalanobis distance,
-    image score = max of the map."""
+    image score = max of the map upsampled to the input and smoothed (sigma 4), as the official
+    code (``image_score="max_grid"``: the raw grid's maximum, patchbank <= 0.2)."""
 
     name: ClassVar[str] = "padim"
     map_sigma: ClassVar[float] = 4.0
@@ -128,6 +132,7 @@ class PaDiMScorer(Scorer):
     #: images per fit batch; None -> min(d // 4, what fits in BATCH_BYTES), so a batch is at most
     #: a quarter of the model's size.
     batch_images: int | None = None
+    legacy_image_score: ClassVar[str | None] = "max_grid"
 
     @dataclass(frozen=True)
     class Params(Params):
@@ -135,6 +140,8 @@ class PaDiMScorer(Scorer):
         d: int | None = None
         eps: float = 0.01
         seed: int = 0
+        #: "max_map" (official) or "max_grid" (see ``scorers.image_score``).
+        image_score: str = choice("max_map", ("max_map", "max_grid"))
 
         def check(self) -> None:
             self.require(self.d is None or self.d >= 1, "d", "None or >= 1")
@@ -207,4 +214,4 @@ class PaDiMScorer(Scorer):
                            leave=False):
             feats = test[lo:hi][..., self.channels_].reshape(hi - lo, loc, d)
             maps[lo:hi] = self.mahalanobis(feats).reshape(hi - lo, h, w)
-        return maps.reshape(n, -1).max(axis=1).astype(np.float64), maps
+        return grid_max(maps), maps

@@ -15,7 +15,8 @@ Default steps (``aggregation="official"``), checked against the official code:
    ``ApproximateGreedyCoresetSampler``; the greedy itself is exact;
 5. Faiss 1-NN against the coreset; the map is the NN distance **squared** (Faiss' L2, as the
    official scorer reports it; ``squared=false`` for plain distances) and the image score is
-   the map's maximum. The official code does not re-weight; the paper's eq. 7 re-weighting is
+   the map's maximum on the grid (``image_score="max_grid"``; ``"max_map"``: the maximum of the
+   upsampled, smoothed map). The official code does not re-weight; the paper's eq. 7 re-weighting is
    ``n_reweight=b`` (b >= 2; computed on plain distances, as the paper defines it).
    ``search="ivf"`` is a named approximation for CPU throughput: candidates come from the
    ``nprobe`` nearest of ``nlist`` k-means cells in a PCA projection of the memory bank, the
@@ -227,6 +228,9 @@ class PatchCoreScorer(Scorer):
         squared: bool = True
         #: b of the paper's eq. 7 re-weighting; 0 = off (the official code's default).
         n_reweight: int = 0
+        #: "max_grid" (official: the patch-score grid's maximum, eq. 7 re-weighted when
+        #: ``n_reweight``) or "max_map" (see ``scorers.image_score``).
+        image_score: str = choice("max_grid", ("max_grid", "max_map"))
         #: "exact" 1-NN (official; on the CPU a pruned search with the same neighbours) or
         #: "ivf": approximate maps, exact image scores (see :class:`IVFIndex`): candidates
         #: from the ``nprobe`` nearest of ``nlist`` k-means cells in the memory bank's top
@@ -246,6 +250,8 @@ class PatchCoreScorer(Scorer):
             for key in ("proj_dim", "pretrain_dim", "target_dim", "chunk"):
                 self.require(getattr(self, key) >= 1, key, ">= 1")
             self.require(self.n_reweight >= 0, "n_reweight", ">= 0")
+            self.require(self.n_reweight == 0 or self.image_score == "max_grid", "image_score",
+                         "max_grid when n_reweight > 0 (eq. 7 re-weights the maximum patch)")
             self.require(self.n_starts >= 0, "n_starts", ">= 0")
             self.require(self.partitions >= 1, "partitions", ">= 1")
             self.require(self.nlist >= 0, "nlist", ">= 0")

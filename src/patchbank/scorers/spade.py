@@ -10,14 +10,15 @@ from typing import ClassVar
 import numpy as np
 from tqdm.auto import tqdm
 
-from patchbank.scorers.base import Params, Scorer, pooled
+from patchbank.scorers.base import Params, Scorer, choice, pooled
+from patchbank.scorers.image_score import grid_max
 from patchbank.scorers.neighbors import FlatIndex
 
 
 class SPADEScorer(Scorer):
     """Image score = mean L2 distance of the pooled embedding to its ``k_images`` nearest
-    training images; map = mean distance of each patch to its ``k`` nearest patches among
-    those images' patches."""
+    training images (``image_score``: or the map's maximum); map = mean distance of each patch
+    to its ``k`` nearest patches among those images' patches."""
 
     name: ClassVar[str] = "spade"
     map_sigma: ClassVar[float] = 4.0
@@ -27,6 +28,8 @@ class SPADEScorer(Scorer):
     class Params(Params):
         k_images: int = 50
         k: int = 1
+        #: "pooled_knn" (the paper's image-level k-NN), "max_grid" or "max_map" of the map.
+        image_score: str = choice("pooled_knn", ("pooled_knn", "max_grid", "max_map"))
 
         def check(self) -> None:
             self.require(self.k_images >= 1, "k_images", ">= 1")
@@ -58,4 +61,4 @@ class SPADEScorer(Scorer):
             gallery = self._train[np.sort(nearest[i])].reshape(-1, c)
             d, _ = FlatIndex(gallery, "l2", self.device).search(test[i], self.p.k)
             maps[i] = d.mean(axis=1).reshape(h, w)
-        return scores, maps
+        return (scores if self.p.image_score == "pooled_knn" else grid_max(maps)), maps

@@ -155,6 +155,7 @@ def score_category(
     except ValueError as err:
         raise PatchbankError(f"--method {method}: {err}") from None
     tag, train, test, shots = _open_banks(banks_dir, backbone, category, bank, shots)
+    scorer.input_size = input_size(test)
     name = name or run_name(method, scorer.params, tag, holdout, seed, shots)
     paths = RunPaths.of(scores_dir, backbone, name, category)
     info = RunInfo(method=method, params=scorer.params, holdout=holdout, seed=seed,
