@@ -95,7 +95,7 @@ def _taken() -> dict[str, str]:
     """Column name -> who writes it (a built-in table or a registered metric)."""
     out = dict.fromkeys((*METRIC_COLUMNS, *EXTRA_COLUMNS, *KEY_COLUMNS), "the evaluate stage")
     out.update({c: "the evaluate stage" for m in METRIC_COLUMNS for c in metric_columns(m)})
-    for m in METRICS.values():
+    for m in added_metrics():
         out.update(dict.fromkeys(metric_columns(m.name), f"metric {m.name!r}"))
     return out
 
@@ -118,7 +118,7 @@ def register_metric(name: str, fn: ImageMetric, level: str = "image",
                           "evaluation/metrics.pixel_metrics and bootstrap.PixelStats")
     if not callable(fn) or (replicates is not None and not callable(replicates)):
         raise MetricError(f"metric {name!r}: fn (and replicates) must be callable")
-    if name in METRICS:
+    if name in METRICS and not METRICS[name].builtin:
         raise MetricError(f"metric {name!r} is already registered; choose another name or "
                           f"unregister_metric({name!r}) first")
     taken = _taken()
