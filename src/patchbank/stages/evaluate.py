@@ -51,6 +51,12 @@ Per defect type: ``by_defect.csv`` per category (columns
 leaderboard, ``leaderboard_by_defect.{csv,md}`` (``backbone, method`` first) and
 ``defect_heatmap.png`` (defect type x run: image AUROC, and pixel AUROC where any run has it).
 Format 1 files (before intervals) are read as stale and recomputed.
+
+Registered metrics (:func:`patchbank.evaluation.registry.register_metric`): each adds
+``<name>, <name>_lo, <name>_hi`` after every built-in column of ``metrics.json``,
+``metrics.csv``, the leaderboard and the per-defect tables (:func:`columns`,
+:func:`~patchbank.evaluation.by_defect.by_defect_columns`), a replicate array to
+``bootstrap.npz``, and its name to the evaluation key.
 """
 
 from __future__ import annotations
