@@ -5,6 +5,7 @@ hand) and intervals read back from every table, then unregistered; bad registrat
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,8 @@ def toy_run(scores_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.r_[np.zeros(10), np.ones(20)].astype(int), np.r_[good, crack, dent]
 
 
-def interval(fn, labels: np.ndarray, scores: np.ndarray, seed: int) -> tuple[float, float]:
+def interval(fn: Callable[[np.ndarray, np.ndarray], float], labels: np.ndarray,
+             scores: np.ndarray, seed: int) -> tuple[float, float]:
     """The percentile interval of ``fn`` over the stage's stratified resamples, by hand."""
     idx = bs.stratified_indices(labels, N_BOOT, seed)
     reps = [fn(labels[i], scores[i]) for i in idx]
