@@ -185,3 +185,5 @@ for _m in (Metric("image_auroc", metrics.image_auroc, builtin=True,
                   replicates=_builtin_replicates("image_f1"))):
     METRICS[_m.name] = _m
 del _m
+
+# metrics added in the package: one register_metric("name", metrics.fn) line each, below
