@@ -25,6 +25,10 @@ class ScoresError(PatchbankError):
     """Score outputs are missing or do not match what the caller expects."""
 
 
+class MetricError(PatchbankError, ValueError):
+    """A metric registration is invalid, or a registered metric returned something unusable."""
+
+
 class PartialFailure(PatchbankError):
     """Some items of a multi-category run failed; the others finished.
 

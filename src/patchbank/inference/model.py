@@ -52,6 +52,7 @@ from patchbank.features.preprocess import Preprocess
 from patchbank.scorers import load_scorer
 from patchbank.scorers.base import Scorer
 from patchbank.store.banks import Bank, load_bank
+from patchbank.store.catalog import list_runs
 from patchbank.store.records import RunInfo
 from patchbank.store.runs import RunPaths, map_info_problems, read_run_info
 
@@ -464,19 +465,19 @@ def find_runs(scores_dir: Path | str) -> list[dict[str, Any]]:
     the evaluate stage's metrics (or None), sorted by backbone, run, category."""
     out = []
     root = Path(scores_dir)
-    for run_json in sorted(root.glob("*/*/*/run.json")):
-        folder = run_json.parent
-        if not (folder / MODEL_FILE).is_file():
-            continue
-        raw = read_run_info(RunPaths(folder))
-        try:
-            info = RunInfo.from_json(raw, folder / "run.json")
-        except ScoresError:
-            continue
-        backbone, run, category = folder.parts[-3:]
-        if not all(_RUN_PART.match(p) for p in (backbone, run, category)):
-            continue
-        out.append({"backbone": backbone, "run": run, "category": category,
-                    "method": info.method, "pixel_level": info.pixel_level,
-                    "folder": folder, "metrics": _read_metrics(folder)})
+    runs = [r for b in sorted(p.name for p in root.glob("*") if p.is_dir())
+            for r in list_runs(root, b)]  # what counts as a run: store.catalog's rules
+    for ref in runs:
+        for category in ref.categories:
+            folder = root / ref.backbone / ref.name / category
+            if not (folder / MODEL_FILE).is_file() or \
+                    not all(_RUN_PART.match(p) for p in (ref.backbone, ref.name, category)):
+                continue
+            try:
+                info = RunInfo.from_json(read_run_info(RunPaths(folder)), folder / "run.json")
+            except ScoresError:
+                continue
+            out.append({"backbone": ref.backbone, "run": ref.name, "category": category,
+                        "method": info.method, "pixel_level": info.pixel_level,
+                        "folder": folder, "metrics": _read_metrics(folder)})
     return out

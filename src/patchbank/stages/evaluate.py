@@ -51,6 +51,12 @@ Per defect type: ``by_defect.csv`` per category (columns
 leaderboard, ``leaderboard_by_defect.{csv,md}`` (``backbone, method`` first) and
 ``defect_heatmap.png`` (defect type x run: image AUROC, and pixel AUROC where any run has it).
 Format 1 files (before intervals) are read as stale and recomputed.
+
+Registered metrics (:func:`patchbank.evaluation.registry.register_metric`): each adds
+``<name>, <name>_lo, <name>_hi`` after every built-in column of ``metrics.json``,
+``metrics.csv``, the leaderboard and the per-defect tables (:func:`columns`,
+:func:`~patchbank.evaluation.by_defect.by_defect_columns`), a replicate array to
+``bootstrap.npz``, and its name to the evaluation key.
 """
 
 from __future__ import annotations
@@ -80,29 +86,23 @@ from patchbank.core.atomic import (
 from patchbank.core.errors import ITEM_ERRORS, PartialFailure, ScoresError
 from patchbank.data.mvtec import load_mask
 from patchbank.evaluation import bootstrap as bs
-from patchbank.evaluation import metrics
+from patchbank.evaluation import metrics, registry
 from patchbank.evaluation.aupimo import FPR_BOUNDS, aupimo_scores
-from patchbank.evaluation.by_defect import BY_DEFECT_COLUMNS, metrics_by_defect
+from patchbank.evaluation.by_defect import by_defect_columns, metrics_by_defect
 from patchbank.evaluation.figures import defect_heatmap, write_category_figures
 from patchbank.evaluation.geometry import reroot, resize_mask, run_map
+from patchbank.evaluation.registry import EXTRA_COLUMNS, METRIC_COLUMNS
 from patchbank.evaluation.seeds import seed_summary
 from patchbank.store.records import RunInfo
 from patchbank.store.runs import RunPaths, ScoreRun, load_run, read_run_info
 
 log = logging.getLogger(__name__)
 
-METRIC_COLUMNS = [
-    "category", "image_auroc", "image_ap", "image_f1", "pixel_auroc", "pixel_ap", "pro",
-    "best_dice", "aupimo", "image_score", "pixel_score", "overall_score", "fit_s", "score_s",
-]
-EXTRA_COLUMNS = [
-    "f1_threshold", "f1_precision", "f1_recall", "unsup_threshold", "unsup_precision",
-    "unsup_recall", "unsup_f1", "eval_resolution", "n_test", "shots", "seed", "n_train",
-]
 #: Metrics with a bootstrap interval: bs.CI_METRICS and the mean AUPIMO over defective images.
 CI_METRICS = (*bs.CI_METRICS, "aupimo")
 #: Bootstrap interval bounds: ``<metric>_lo``, ``<metric>_hi`` per metric of CI_METRICS.
 CI_COLUMNS = [f"{m}_{end}" for m in CI_METRICS for end in ("lo", "hi")]
+#: The built-in columns; with registered metrics a table has :func:`columns`.
 COLUMNS = METRIC_COLUMNS + EXTRA_COLUMNS + CI_COLUMNS
 TEXT_COLUMNS = ("category", "eval_resolution")
 METRICS_FORMAT = 2
@@ -118,6 +118,19 @@ PER_IMAGE_COLUMNS = ["path", "defect_type", "label", "aupimo"]
 BY_DEFECT_RUN_NAME = "metrics_by_defect.csv"
 #: Lock file (in the scores folder) serialising rewrites of the derived tables.
 LOCK_NAME = ".evaluate.lock"
+
+
+
+
+def columns() -> list[str]:
+    """:data:`COLUMNS`, then ``<name>, <name>_lo, <name>_hi`` per registered metric
+    (:func:`patchbank.evaluation.registry.register_metric`)."""
+    return COLUMNS + registry.added_columns()
+
+
+def ci_metrics() -> tuple[str, ...]:
+    """:data:`CI_METRICS`, then the registered metrics (all have intervals)."""
+    return (*CI_METRICS, *(m.name for m in registry.added_metrics()))
 
 
 # --------------------------------------------------------------------------- computing
@@ -158,10 +171,9 @@ def evaluate_run(run: ScoreRun, category: str, data_root: Path | None = None,
     row: dict[str, Any] = {"category": category, "n_test": len(df)}
     if len(np.unique(labels)) < 2:
         raise ScoresError(f"{category}: test set needs good and defective images for AUROC")
-    row["image_auroc"] = metrics.image_auroc(labels, scores)
-    row["image_ap"] = metrics.image_ap(labels, scores)
-    f1, thr, prec, rec = metrics.best_f1(labels, scores)
-    row.update(image_f1=f1, f1_threshold=thr, f1_precision=prec, f1_recall=rec)
+    row.update(registry.image_values(labels, scores, registry.METRICS.values()))
+    _, thr, prec, rec = metrics.best_f1(labels, scores)
+    row.update(f1_threshold=thr, f1_precision=prec, f1_recall=rec)
     if run.train_scores is not None and len(run.train_scores) >= 2:
         unsup = metrics.unsupervised_threshold(run.train_scores)
         m = metrics.threshold_metrics(labels, scores, unsup)
@@ -188,6 +200,7 @@ def evaluate_run(run: ScoreRun, category: str, data_root: Path | None = None,
                                    pixel_points=pixel, indices=idx)
     reps["aupimo"] = np.full(bootstrap, np.nan) if idx is None or np.isnan(row["aupimo"]) \
         else bs.mean_replicates(per_image, bs.index_weights(idx, len(df)))
+    reps.update(_added_replicates(labels, scores, idx, bootstrap))
     for k, v in reps.items():
         row[f"{k}_lo"], row[f"{k}_hi"] = bs.percentile_interval(v, ci)
     if extras is not None:
@@ -205,6 +218,16 @@ def evaluate_run(run: ScoreRun, category: str, data_root: Path | None = None,
     # few-shot protocol: shots NaN = every training image; n_train = images the model saw
     row.update(shots=info.shots, seed=info.seed, n_train=info.n_train)
     return row
+
+
+def _added_replicates(labels: np.ndarray, scores: np.ndarray, idx: np.ndarray | None,
+                      n_boot: int) -> dict[str, np.ndarray]:
+    """Replicates of the registered metrics (NaN when off or, as for the built-in ones, when
+    the image scores make intervals undefined)."""
+    added = registry.added_metrics()
+    if idx is None or bs.image_problem(labels, scores) is not None:
+        return {m.name: np.full(n_boot, np.nan) for m in added}
+    return registry.image_replicates(labels, scores, idx, added)
 
 
 def _aupimo_values(category: str, masks: Sequence[np.ndarray],
@@ -242,7 +265,9 @@ def evaluation_key(paths: RunPaths, category: str, data_root: Path | None = None
     ``run``: sha256 of ``run.json``; ``files``: size and mtime of the score files; ``masks``:
     sha256 over the (re-rooted) mask paths with their sizes and mtimes; ``eval_size``;
     ``bootstrap``: ``{"n_boot", "ci", "seed"}`` (null when off); ``aupimo``: its FPR range
-    (results from before AUPIMO existed are recomputed); ``patchbank_version``.
+    (results from before AUPIMO existed are recomputed); ``patchbank_version``; ``metrics``:
+    the names of the registered metrics, only when there are any (registering or removing one
+    re-evaluates).
     """
     try:
         run_hash = hashlib.sha256(paths.run_json.read_bytes()).hexdigest()
@@ -255,7 +280,7 @@ def evaluation_key(paths: RunPaths, category: str, data_root: Path | None = None
         if stored:
             path = reroot(stored, data_root, category)
             digest.update(f"{path}\t{_stat(path)}\n".encode())
-    return {
+    key = {
         "format": METRICS_FORMAT,
         "run": run_hash,
         "files": {p.name: _stat(p) for p in (paths.image_scores, paths.maps, paths.train_scores)},
@@ -266,6 +291,8 @@ def evaluation_key(paths: RunPaths, category: str, data_root: Path | None = None
         "aupimo": list(FPR_BOUNDS),
         "patchbank_version": __version__,
     }
+    added = [m.name for m in registry.added_metrics()]
+    return {**key, "metrics": added} if added else key
 
 
 def _to_json(value: Any) -> Any:
@@ -284,7 +311,7 @@ def write_metrics(paths: RunPaths, backbone: str, method: str, category: str,
     ``{"n_boot", "ci", "seed", "token"}`` naming its ``bootstrap.npz`` (None: none)."""
     record = {
         "format": METRICS_FORMAT, "backbone": backbone, "method": method, "category": category,
-        "key": key, "metrics": {c: _to_json(row.get(c)) for c in COLUMNS},
+        "key": key, "metrics": {c: _to_json(row.get(c)) for c in columns()},
         "figures": None if figures is None else list(figures),
         "bootstrap": None if bootstrap is None else dict(bootstrap),
     }
@@ -313,7 +340,7 @@ def read_metrics(path: Path) -> dict[str, Any] | None:
                     "re-evaluated", path)
         return None
     record["metrics"] = {c: (float("nan") if record["metrics"].get(c) is None
-                             else record["metrics"][c]) for c in COLUMNS}
+                             else record["metrics"][c]) for c in columns()}
     return record
 
 
@@ -455,17 +482,18 @@ def evaluate(scores_dir: Path, backbone: str, method: str, categories: Sequence[
 
 def metrics_table(scores_dir: Path, backbone: str, method: str) -> pd.DataFrame:
     """One row per category with a ``metrics.json``, sorted by category, then their ``mean``
-    (columns :data:`COLUMNS`); an empty table when nothing was evaluated."""
+    (columns :func:`columns`); an empty table when nothing was evaluated."""
     records = _records(scores_dir, backbone, method)
-    table = pd.DataFrame([r["metrics"] for _, r in records], columns=COLUMNS)
+    cols = columns()
+    table = pd.DataFrame([r["metrics"] for _, r in records], columns=cols)
     if table.empty:
         return table
-    numeric = [c for c in COLUMNS if c not in TEXT_COLUMNS]
+    numeric = [c for c in cols if c not in TEXT_COLUMNS]
     table[numeric] = table[numeric].apply(pd.to_numeric, errors="coerce").astype(float)
     mean = table.drop(columns=list(TEXT_COLUMNS)).mean(numeric_only=True).to_dict()
     mean.update(_mean_intervals(records))
     mean.update(category="mean", eval_resolution=table["eval_resolution"].iloc[0])
-    return pd.concat([table, pd.DataFrame([mean])], ignore_index=True)[COLUMNS]
+    return pd.concat([table, pd.DataFrame([mean])], ignore_index=True)[cols]
 
 
 def _records(scores_dir: Path, backbone: str, method: str) -> list[tuple[Path, dict]]:
@@ -483,7 +511,8 @@ def _mean_intervals(records: Sequence[tuple[Path, Mapping[str, Any]]]) -> dict[s
     """The mean row's intervals: replicate r of the mean = the mean over categories of each
     category's replicate r (each category resampled within itself), from ``bootstrap.npz``.
     A metric averages the categories where it is defined, as the mean row's point values."""
-    out = dict.fromkeys(CI_COLUMNS, float("nan"))
+    names = ci_metrics()
+    out = {f"{k}_{end}": float("nan") for k in names for end in ("lo", "hi")}
     boots = [r.get("bootstrap") for _, r in records]
     if not boots or not all(isinstance(b, dict) for b in boots):
         return out
@@ -498,13 +527,13 @@ def _mean_intervals(records: Sequence[tuple[Path, Mapping[str, Any]]]) -> dict[s
             with np.load(folder / REPLICATES_NAME, allow_pickle=False) as npz:
                 if str(npz["token"]) != b.get("token"):
                     raise ValueError("token differs from metrics.json")
-                reps.append({k: npz[k] for k in CI_METRICS})
+                reps.append({k: npz[k] for k in names})
         except (OSError, ValueError, KeyError) as err:
             log.warning("%s: %s unreadable (%s); no interval for the mean; re-evaluate with "
                         "--overwrite", folder, REPLICATES_NAME, err)
             return out
     ci = float(next(iter(settings))[1])
-    for k in CI_METRICS:
+    for k in names:
         vecs = [r[k] for r, (_, rec) in zip(reps, records, strict=True)
                 if np.isfinite(float(rec["metrics"][k])) and np.isfinite(r[k]).any()]
         if vecs:
@@ -513,7 +542,7 @@ def _mean_intervals(records: Sequence[tuple[Path, Mapping[str, Any]]]) -> dict[s
 
 
 def by_defect_table(scores_dir: Path, backbone: str, method: str) -> pd.DataFrame:
-    """Every evaluated category's per-defect-type rows (columns :data:`BY_DEFECT_COLUMNS`)."""
+    """Every evaluated category's per-defect-type rows (columns :func:`by_defect_columns`)."""
     parts = []
     for folder, _ in _records(scores_dir, backbone, method):
         try:
@@ -521,9 +550,10 @@ def by_defect_table(scores_dir: Path, backbone: str, method: str) -> pd.DataFram
                                      na_values=[""], dtype={"defect_type": str}))
         except (OSError, ValueError):
             continue  # evaluated before per-defect metrics existed
-    parts = [p for p in parts if list(p.columns) == BY_DEFECT_COLUMNS and not p.empty]
+    cols = by_defect_columns()
+    parts = [p for p in parts if list(p.columns) == cols and not p.empty]
     if not parts:
-        return pd.DataFrame(columns=BY_DEFECT_COLUMNS)
+        return pd.DataFrame(columns=cols)
     return pd.concat(parts, ignore_index=True)
 
 
@@ -573,8 +603,8 @@ def leaderboard_by_defect(scores_dir: Path) -> pd.DataFrame:
         if not table.empty:
             parts.append(table.assign(backbone=folder.parent.name, method=folder.name))
     if not parts:
-        return pd.DataFrame(columns=["backbone", "method", *BY_DEFECT_COLUMNS])
-    return pd.concat(parts, ignore_index=True)[["backbone", "method", *BY_DEFECT_COLUMNS]]
+        return pd.DataFrame(columns=["backbone", "method", *by_defect_columns()])
+    return pd.concat(parts, ignore_index=True)[["backbone", "method", *by_defect_columns()]]
 
 
 def leaderboard(scores_dir: Path) -> pd.DataFrame:
@@ -593,7 +623,8 @@ def leaderboard(scores_dir: Path) -> pd.DataFrame:
             with atomic_path(Path(scores_dir, "leaderboard_by_defect.csv")) as tmp:
                 by_defect.to_csv(tmp, index=False, float_format="%.6g")
             cols = ["backbone", "method", "category", "defect_type", "n_images",
-                    "image_auroc", "image_ap", "pixel_auroc", "pro", "best_dice", "aupimo"]
+                    "image_auroc", "image_ap", "pixel_auroc", "pro", "best_dice", "aupimo",
+                    *(m.name for m in registry.added_metrics())]
             atomic_write_text(Path(scores_dir, "leaderboard_by_defect.md"),
                               leaderboard_markdown(by_defect, cols))
             defect_heatmap(by_defect, Path(scores_dir, "defect_heatmap.png"))
@@ -704,17 +735,19 @@ def _cell(r: Mapping[str, Any], c: str) -> str:
 
 
 def leaderboard_markdown(board: pd.DataFrame, cols: Sequence[str] | None = None) -> str:
-    """A Markdown table of the leaderboard's main columns (metrics in percent, intervals in
-    brackets)."""
+    """A Markdown table of the leaderboard's main columns, then the registered metrics (in
+    percent, intervals in brackets; a metric where lower is better is headed ``name ↓``)."""
     cols = list(cols or ["backbone", "method", "categories", "image_auroc", "image_ap",
                          "image_f1", "pixel_auroc", "pro", "best_dice", "aupimo", "overall_score",
-                         "fit_s", "score_s"])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                         "fit_s", "score_s", *(m.name for m in registry.added_metrics())])
+    lower = {m.name for m in registry.added_metrics() if not m.higher_is_better}
+    heads = [f"{c} ↓" if c in lower else c for c in cols]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(cols)]
     for _, r in board.iterrows():
         cells = []
         for c in cols:
             v = r.get(c)
-            if c.endswith("_s"):
+            if c in ("fit_s", "score_s"):
                 cells.append("" if pd.isna(v) else f"{float(v):.1f}")
             elif c == "n_images":
                 cells.append(str(int(v)))
